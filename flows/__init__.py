@@ -1,0 +1,3 @@
+from flows.finetune import finetune
+
+__all__ = ["finetune"]

@@ -1,0 +1,51 @@
+"""The fine-tuning flow: five cached tasks wired by the manifests they hand each other."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from loraflow.config import RunConfig
+from loraflow.dataset import load_dataset, read_sample_prompts
+from loraflow.manifests import Example
+from loraflow.models import resolve_model
+from loraflow.report import Report, StageRunner
+from loraflow.store import Store
+from tasks import build_latent_cache, encode_prompts, null_embedding, sample, train
+
+
+@flow(name="finetune")
+def finetune(cfg: RunConfig = RunConfig()) -> Report:
+    logger = get_run_logger()
+    # Inputs are read and checked once, before any task runs: a bad file fails the run here.
+    store = Store(cfg.store, cfg.storage_options)
+    model = resolve_model(cfg.model)
+    images = load_dataset(cfg.dataset)
+    sample_prompts = read_sample_prompts(cfg.sample)
+    if not sample_prompts:
+        logger.warning("no sample prompts: the run trains but makes no samples")
+
+    report = Report(flow_run_id=str(flow_run.get_id()), store=store.url)
+    run = StageRunner(store, report)
+    text = dict(family=model.family, text_encoder=model.text_encoder, settings=cfg.encoder, store=store)
+
+    captions = run(encode_prompts, role="captions", prompts=[i.caption for i in images], **text)
+    prompts = run(encode_prompts, role="sample prompts", prompts=sample_prompts, **text) if sample_prompts else None
+    null = run(null_embedding, **text) if sample_prompts or cfg.train.caption_dropout > 0 else None
+    latents = run(build_latent_cache, images=images, family=model.family, vae=model.vae,
+                  resolution=cfg.dataset.resolution, center_crop=cfg.dataset.center_crop,
+                  flip=cfg.dataset.flip, store=store)
+    examples = [Example(image=i.name, latent=latents.items[i.sha256], caption=captions.items[i.caption])
+                for i in images]
+    weights = run(train, family=model.family, denoiser=model.denoiser, examples=examples,
+                  null=null if cfg.train.caption_dropout > 0 else None, hp=cfg.train, store=store)
+    report.weights = store.url_of(weights.final.path)
+    if prompts:
+        samples = run(sample, family=model.family, denoiser=model.denoiser, vae=model.vae, weights=weights,
+                      prompts=prompts, null=null, settings=cfg.sample.sampler(),
+                      resolution=cfg.dataset.resolution, store=store)
+        report.samples = [store.url_of(s.image.path) for s in samples.images]
+
+    store.write_atomic(f"reports/{report.flow_run_id}.json", report.model_dump_json(indent=2).encode())
+    logger.info("run report:\n%s", report.table())
+    return report

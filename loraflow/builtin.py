@@ -1,0 +1,133 @@
+"""Built-in tiny models, built offline from configs with the real diffusers/transformers classes.
+
+They are saved as ordinary diffusers folders and then loaded through the same code path as a real
+checkpoint (`loraflow.models`). Construction is seeded, so every machine with the same library
+versions builds byte-identical weights. Tokenizers are built from in-memory vocabularies
+(character-level CLIP, byte-fallback Gemma), so nothing is ever fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+import torch
+
+BUILTIN_PREFIX = "builtin:"
+BUILTINS = ("tiny-sd", "tiny-sana")
+_PRINTABLE = [c for c in string.printable if not c.isspace()]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LORAFLOW_HOME", Path.home() / ".cache" / "loraflow"))
+
+
+def builtin_path(name: str) -> Path:
+    """Local folder of a built-in model, built on first use."""
+    if name not in BUILTINS:
+        raise ValueError(f"model.source: unknown built-in model {name!r}; known: {', '.join(BUILTINS)}")
+    torch_version = torch.__version__.split("+")[0]
+    folder = cache_root() / "builtin" / f"{name}-v1-torch{torch_version}"
+    if not (folder / "model_index.json").exists():
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        build = {"tiny-sd": build_tiny_sd, "tiny-sana": build_tiny_sana}[name]
+        build().save_pretrained(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished first; its copy is identical
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def clip_tokenizer():
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    alphabet = list(bytes_to_unicode().values())
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + alphabet + [c + "</w>" for c in alphabet]
+    tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[])
+    tok.model_max_length = 77
+    return tok
+
+
+def gemma_tokenizer():
+    from transformers import GemmaTokenizer
+
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "▁"] + _PRINTABLE
+    tokens += [f"<0x{i:02X}>" for i in range(256)]
+    tok = GemmaTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], add_bos_token=True)
+    tok.padding_side = "right"
+    tok.model_max_length = 300
+    return tok
+
+
+def build_tiny_sd():
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    tokenizer = clip_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+            vocab_size=len(tokenizer), max_position_embeddings=77,
+            bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[16, 32],
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        norm_num_groups=8, sample_size=32,
+    )
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        prediction_type="epsilon", num_train_timesteps=1000, steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def build_tiny_sana():
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(0)
+    tokenizer = gemma_tokenizer()
+    text_encoder = Gemma2Model(
+        Gemma2Config(
+            head_dim=16, hidden_size=16, intermediate_size=64, num_attention_heads=2,
+            num_hidden_layers=1, num_key_value_heads=2, vocab_size=len(tokenizer),
+            pad_token_id=0, bos_token_id=2, eos_token_id=1, attn_implementation="eager",
+        )
+    )
+    transformer = SanaTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2,
+        attention_head_dim=8, num_cross_attention_heads=2, cross_attention_head_dim=8,
+        cross_attention_dim=16, caption_channels=16, sample_size=16,
+    )
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2,
+        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+        encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+        encoder_layers_per_block=(1, 1), decoder_layers_per_block=[1, 1],
+        downsample_block_type="conv", upsample_block_type="interpolate",
+        decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return SanaPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(),
+        transformer=transformer.eval(), scheduler=scheduler,
+    )

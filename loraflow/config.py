@@ -1,0 +1,85 @@
+"""The run configuration: one pydantic model, the flow's only parameter, loadable from YAML.
+
+Defined here (an importable module) so Prefect hashes and validates it the same way whether the
+flow runs from the CLI, a test or a deployment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Section):
+    family: Literal["sd", "sana"] = "sd"
+    # "builtin:tiny-sd", "builtin:tiny-sana", a local diffusers folder, or a hub id.
+    source: str = "builtin:tiny-sd"
+    revision: str | None = None
+
+
+class DatasetConfig(_Section):
+    # A folder of images with same-stem .txt captions, or an imagefolder with metadata.jsonl;
+    # a local path or an fsspec URL. "builtin:shapes" generates the demo dataset.
+    source: str = "builtin:shapes"
+    resolution: int = Field(32, ge=8)
+    center_crop: bool = True
+    flip: bool = False  # also cache the mirrored latent; training picks one at random
+
+
+class EncoderConfig(_Section):
+    max_length: int | None = Field(None, ge=1)  # None: the family's default
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    instruction: str | None = None  # a prefix put before every prompt (e.g. Sana's CHI)
+
+
+class TrainConfig(_Section):
+    method: Literal["lora", "full"] = "lora"
+    rank: int = Field(4, ge=1)
+    alpha: float = 4.0
+    learning_rate: float = Field(1e-3, gt=0)
+    steps: int = Field(100, ge=1)
+    batch_size: int = Field(4, ge=1)
+    checkpoint_every: int = Field(25, ge=1)
+    caption_dropout: float = Field(0.0, ge=0, le=1)
+    seed: int = 0
+
+
+class SamplerSettings(_Section):
+    steps: int = Field(10, ge=1)
+    guidance_scale: float = 4.0
+    seed: int = 0
+    images_per_prompt: int = Field(1, ge=1)
+    checkpoints: list[int] = Field(default_factory=list)  # intermediate steps to sample as well
+
+
+class SampleConfig(SamplerSettings):
+    prompts: list[str] | None = None  # inline prompts; or read once from `prompts_file`
+    prompts_file: str | None = None
+
+    def sampler(self) -> SamplerSettings:
+        return SamplerSettings(**self.model_dump(exclude={"prompts", "prompts_file"}))
+
+
+class RunConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=lambda: SampleConfig(prompts=DEMO_PROMPTS))
+    store: str = "./loraflow-store"
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "RunConfig":
+        text = Path(path).read_text()
+        return cls.model_validate(yaml.safe_load(text) or {})
+
+
+DEMO_PROMPTS = ["a red circle", "a green square", "a blue triangle"]

@@ -1,0 +1,179 @@
+"""Datasets: find images and captions, check them, and turn image bytes into pixels.
+
+Layouts (a local path or any fsspec URL):
+- kohya: `name.png` + `name.txt` side by side;
+- imagefolder: images plus `metadata.jsonl` lines `{"file_name": ..., "text": ...}`.
+`builtin:shapes` generates the demo dataset (coloured shapes with captions) locally.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import fsspec
+import numpy as np
+import torch
+from fsspec.core import url_to_fs
+from PIL import Image, ImageDraw
+from pydantic import BaseModel
+
+from loraflow.builtin import BUILTIN_PREFIX, cache_root
+from loraflow.config import DatasetConfig, SampleConfig
+from loraflow.hashing import sha256_bytes
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class DatasetError(ValueError):
+    pass
+
+
+class ImageItem(BaseModel):
+    name: str  # file name, for messages and reports
+    url: str  # where the bytes are read from
+    sha256: str  # of the bytes: the image's identity in every key
+    caption: str
+
+    def cache_token(self) -> str:
+        return self.sha256
+
+
+def load_dataset(cfg: DatasetConfig) -> list[ImageItem]:
+    source = cfg.source
+    if source.startswith(BUILTIN_PREFIX):
+        source = builtin_dataset(source[len(BUILTIN_PREFIX):])
+    try:
+        fs, root = url_to_fs(source)
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+    except Exception as exc:
+        raise DatasetError(f"dataset.source: cannot list {source!r}: {exc}") from exc
+    root = root.rstrip("/")
+    if "metadata.jsonl" in names:
+        captions = _jsonl_captions(fs, f"{root}/metadata.jsonl", source)
+    else:
+        captions = None
+    items = []
+    for name in sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)):
+        url = f"{source.rstrip('/')}/{name}"
+        if captions is not None:
+            if name not in captions:
+                raise DatasetError(f"dataset: {url} has no caption in metadata.jsonl")
+            caption = captions[name]
+        else:
+            txt = name.rsplit(".", 1)[0] + ".txt"
+            if txt not in names:
+                raise DatasetError(f"dataset: {url} has no caption file {txt}")
+            caption = fs.cat_file(f"{root}/{txt}").decode("utf-8").strip()
+        data = fs.cat_file(f"{root}/{name}")
+        check_image(data, url)
+        items.append(ImageItem(name=name, url=url, sha256=sha256_bytes(data), caption=caption))
+    if not items:
+        raise DatasetError(f"dataset.source: no images ({', '.join(IMAGE_EXTENSIONS)}) in {source!r}")
+    return items
+
+
+def _jsonl_captions(fs, path: str, source: str) -> dict[str, str]:
+    captions = {}
+    for n, line in enumerate(fs.cat_file(path).decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            captions[row["file_name"]] = str(row.get("text", row.get("caption")))
+        except (ValueError, KeyError) as exc:
+            raise DatasetError(f"dataset: {source}/metadata.jsonl line {n}: {exc}") from exc
+    return captions
+
+
+def check_image(data: bytes, url: str) -> None:
+    if not data:
+        raise DatasetError(f"dataset: {url} is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.verify()
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+    except Exception as exc:
+        raise DatasetError(f"dataset: {url} is not a readable image ({exc})") from exc
+
+
+def read_image(url: str) -> bytes:
+    with fsspec.open(url, "rb") as f:
+        return f.read()
+
+
+def to_pixels(data: bytes, resolution: int, center_crop: bool, flip: bool = False) -> torch.Tensor:
+    """Image bytes -> (3, R, R) float tensor in [-1, 1]: resize the short side, crop, maybe mirror."""
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = img.size
+    if center_crop:
+        scale = resolution / min(w, h)
+        img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+        left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+        img = img.crop((left, top, left + resolution, top + resolution))
+    else:
+        img = img.resize((resolution, resolution), Image.BICUBIC)
+    if flip:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def read_sample_prompts(cfg: SampleConfig) -> list[str]:
+    """Sample prompts, read once: inline, or one per line from a file (blank lines and # skipped)."""
+    if cfg.prompts is not None:
+        prompts = cfg.prompts
+    elif cfg.prompts_file:
+        try:
+            with fsspec.open(cfg.prompts_file, "rt", encoding="utf-8") as f:
+                prompts = f.read().splitlines()
+        except Exception as exc:
+            raise DatasetError(f"sample.prompts_file: cannot read {cfg.prompts_file!r}: {exc}") from exc
+    else:
+        prompts = []
+    return [p.strip() for p in prompts if p.strip() and not p.lstrip().startswith("#")]
+
+
+# --- the generated demo dataset ------------------------------------------------------------------
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (235, 210, 20)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def draw_shape(colour: str, shape: str, variant: int, size: int = 64) -> Image.Image:
+    img = Image.new("RGB", (size, size), (245, 245, 245))
+    draw = ImageDraw.Draw(img)
+    margin = size // 8 + (variant % 3) * size // 16
+    box = (margin, margin, size - margin, size - margin)
+    fill = COLOURS[colour]
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(size // 2, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)
+    return img
+
+
+def generate_shapes(folder, variants: int = 2) -> None:
+    """Write `{colour}_{shape}_{i}.png` + `.txt` captions into a local folder."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for colour in COLOURS:
+        for shape in SHAPES:
+            for i in range(variants):
+                stem = f"{colour}_{shape}_{i}"
+                draw_shape(colour, shape, i).save(folder / f"{stem}.png")
+                (folder / f"{stem}.txt").write_text(f"a {colour} {shape}\n")
+
+
+def builtin_dataset(name: str) -> str:
+    if name != "shapes":
+        raise DatasetError(f"dataset.source: unknown built-in dataset {name!r}; known: shapes")
+    folder = cache_root() / "datasets" / "shapes-v1"
+    if not (folder / "DONE").exists():
+        generate_shapes(folder)
+        (folder / "DONE").write_text("")
+    return str(folder)

@@ -1,0 +1,102 @@
+"""What a model family must say, and nothing more.
+
+The five tasks are written once against this interface; every family difference (how a prompt is
+encoded, what the null embedding is, latent scaling, the training objective, LoRA targets, how to
+sample) lives in that family's module. SDXL, SD3 and Flux fit by returning more tensors from
+`encode` (pooled embeddings, masks) and reading them back in `training_loss` and `generate`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from diffusers import DiffusionPipeline
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from PIL import Image
+from safetensors.torch import load as load_safetensors
+
+from loraflow.config import EncoderConfig, SampleConfig
+
+Cond = dict[str, torch.Tensor]  # one prompt's embedding tensors, e.g. {"prompt_embeds": (L, D)}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Family:
+    name: ClassVar[str]
+    pipeline_class: ClassVar[type[DiffusionPipeline]]
+    denoiser_folder: ClassVar[str]  # "unet" or "transformer": subfolder and LoRA prefix
+    text_folders: ClassVar[tuple[str, ...]]
+    vae_folders: ClassVar[tuple[str, ...]] = ("vae",)
+    lora_targets: ClassVar[list[str]]
+    default_max_length: ClassVar[int]
+
+    @property
+    def denoiser_folders(self) -> tuple[str, ...]:
+        return (self.denoiser_folder, "scheduler")
+
+    # --- text -----------------------------------------------------------------------------------
+    def load_text_encoder(self, model_dir: str, settings: EncoderConfig) -> Any:
+        raise NotImplementedError
+
+    def encode(self, text_encoder: Any, prompts: list[str], settings: EncoderConfig) -> list[Cond]:
+        """One embedding dict per prompt, unbatched, padded to the max length."""
+        raise NotImplementedError
+
+    def null_embedding(self, text_encoder: Any, settings: EncoderConfig) -> Cond:
+        """The unconditional embedding used for guidance and caption dropout: the empty prompt."""
+        return self.encode(text_encoder, [""], settings)[0]
+
+    # --- latents --------------------------------------------------------------------------------
+    def load_vae(self, model_dir: str) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def encode_images(self, vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (B, 3, H, W) in [-1, 1] -> normalised latents, deterministically."""
+        raise NotImplementedError
+
+    # --- training -------------------------------------------------------------------------------
+    def load_denoiser(self, model_dir: str) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def load_noise_schedule(self, model_dir: str) -> Any:
+        raise NotImplementedError
+
+    def training_loss(self, denoiser: torch.nn.Module, schedule: Any, latents: torch.Tensor,
+                      cond: Cond, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def add_lora(self, denoiser: torch.nn.Module, rank: int, alpha: float) -> None:
+        denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                        target_modules=self.lora_targets))
+
+    def export_lora(self, denoiser: torch.nn.Module) -> bytes:
+        """The LoRA as the bytes of the file the family's pipeline `load_lora_weights` reads."""
+        with tempfile.TemporaryDirectory() as tmp:
+            self.pipeline_class.save_lora_weights(tmp, **{
+                f"{self.denoiser_folder}_lora_layers": get_peft_model_state_dict(denoiser),
+                f"{self.denoiser_folder}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict(),
+            })
+            return (Path(tmp) / "pytorch_lora_weights.safetensors").read_bytes()
+
+    def import_lora(self, denoiser: torch.nn.Module, data: bytes) -> None:
+        """Inverse of `export_lora` on a denoiser that already has the adapter (for resuming)."""
+        prefix = self.denoiser_folder + "."
+        state = {k[len(prefix):]: v for k, v in load_safetensors(data).items() if k.startswith(prefix)}
+        result = set_peft_model_state_dict(denoiser, state)
+        if result.unexpected_keys:
+            raise ValueError(f"LoRA weights do not fit the denoiser: {result.unexpected_keys[:3]}")
+
+    # --- sampling -------------------------------------------------------------------------------
+    def pipeline(self, model_dir: str, denoiser: torch.nn.Module, vae: torch.nn.Module) -> DiffusionPipeline:
+        """The family's diffusers pipeline without text encoders: sampling reads cached embeddings."""
+        raise NotImplementedError
+
+    def generate(self, pipe: DiffusionPipeline, cond: Cond, null: Cond, settings: SampleConfig,
+                 size: int, generator: torch.Generator) -> Image.Image:
+        raise NotImplementedError
+

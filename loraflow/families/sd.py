@@ -1,0 +1,84 @@
+"""Stable Diffusion 1.x / 2.x: UNet, one CLIP text encoder, KL VAE, epsilon or v-prediction.
+
+Null embedding: the empty prompt padded to the max length and encoded (what the pipeline does for
+classifier-free guidance when no negative prompt is given).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import AutoTokenizer, CLIPTextModel
+
+from loraflow.families.base import DTYPES, Cond, Family
+
+
+class StableDiffusion(Family):
+    name = "sd"
+    pipeline_class = StableDiffusionPipeline
+    denoiser_folder = "unet"
+    text_folders = ("text_encoder", "tokenizer")
+    lora_targets = ["to_k", "to_q", "to_v", "to_out.0"]
+    default_max_length = 77
+
+    def load_text_encoder(self, model_dir, settings):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
+        encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", dtype=DTYPES[settings.dtype])
+        return tokenizer, encoder.eval()
+
+    def encode(self, text_encoder, prompts, settings):
+        tokenizer, encoder = text_encoder
+        max_length = settings.max_length or self.default_max_length
+        prompts = [(settings.instruction or "") + p for p in prompts]
+        ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        with torch.no_grad():
+            embeds = encoder(ids)[0]
+        return [{"prompt_embeds": e} for e in embeds]
+
+    def load_vae(self, model_dir):
+        return AutoencoderKL.from_pretrained(model_dir, subfolder="vae").eval()
+
+    def encode_images(self, vae, pixels):
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.mode()
+        shift = vae.config.shift_factor or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    def load_denoiser(self, model_dir):
+        return UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+
+    def load_noise_schedule(self, model_dir):
+        return DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+
+    def training_loss(self, denoiser, schedule, latents, cond, generator):
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(0, schedule.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+        noisy = schedule.add_noise(latents, noise, t)
+        if schedule.config.prediction_type == "v_prediction":
+            target = schedule.get_velocity(latents, noise, t)
+        else:
+            target = noise
+        pred = denoiser(noisy, t, encoder_hidden_states=cond["prompt_embeds"]).sample
+        return F.mse_loss(pred.float(), target.float())
+
+    def pipeline(self, model_dir, denoiser, vae):
+        scheduler = DDIMScheduler.from_pretrained(model_dir, subfolder="scheduler")
+        return StableDiffusionPipeline(
+            vae=vae, unet=denoiser, scheduler=scheduler, text_encoder=None, tokenizer=None,
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+
+    def generate(self, pipe, cond: Cond, null: Cond, settings, size, generator):
+        return pipe(
+            prompt_embeds=cond["prompt_embeds"][None], negative_prompt_embeds=null["prompt_embeds"][None],
+            guidance_scale=settings.guidance_scale, num_inference_steps=settings.steps,
+            height=size, width=size, generator=generator,
+        ).images[0]

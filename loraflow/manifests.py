@@ -1,0 +1,80 @@
+"""Manifests: the small JSON values tasks return and hand downstream.
+
+A manifest names objects in the store by `ObjectRef`. Downstream cache keys hash a manifest's
+`cache_token()`: its refs' content keys, without the bookkeeping counts.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from loraflow.store import ObjectRef
+
+BOOKKEEPING = {"computed", "reused"}
+
+
+class Manifest(BaseModel):
+    computed: int = 0  # items this task run produced
+    reused: int = 0  # items it found intact in the store
+
+    def refs(self) -> list[ObjectRef]:
+        raise NotImplementedError
+
+    def cache_token(self) -> dict:
+        return {name: getattr(self, name) for name in type(self).model_fields if name not in BOOKKEEPING}
+
+
+class Embeddings(Manifest):
+    items: dict[str, ObjectRef]  # prompt text -> embedding
+
+    def refs(self):
+        return list(self.items.values())
+
+
+class NullEmbedding(Manifest):
+    embedding: ObjectRef
+
+    def refs(self):
+        return [self.embedding]
+
+
+class Latents(Manifest):
+    items: dict[str, ObjectRef]  # image sha256 -> latent
+
+    def refs(self):
+        return list(self.items.values())
+
+
+class Example(BaseModel):
+    """One training pair, joined by item, never by position in a shuffled loader."""
+
+    image: str
+    latent: ObjectRef
+    caption: ObjectRef
+
+
+class Weights(Manifest):
+    method: str
+    final_step: int
+    steps: dict[int, ObjectRef]  # exported weights at every checkpoint step, the final one included
+
+    @property
+    def final(self) -> ObjectRef:
+        return self.steps[self.final_step]
+
+    def refs(self):
+        return list(self.steps.values())
+
+
+class SampleImage(BaseModel):
+    prompt: str
+    step: int
+    index: int
+    image: ObjectRef
+
+
+class Samples(Manifest):
+    images: list[SampleImage]
+
+    def refs(self):
+        return [s.image for s in self.images]

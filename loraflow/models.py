@@ -1,0 +1,70 @@
+"""Resolve a model source to a local diffusers folder and fingerprint its components.
+
+Built-in tiny models, local folders and hub ids all end up as a local folder loaded with
+`from_pretrained`, so the tiny models exercise the same code path as a real checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from loraflow.builtin import BUILTIN_PREFIX, builtin_path
+from loraflow.config import ModelConfig
+from loraflow.families import get_family
+from loraflow.fingerprint import fingerprint_folders
+
+
+class Component(BaseModel):
+    """One part of a model (text encoder, VAE, denoiser) as a task input."""
+
+    path: str  # local diffusers folder it loads from
+    fingerprint: str  # hash of its config and weights
+
+    def cache_token(self) -> str:
+        return self.fingerprint  # keys depend on what the weights are, not where they lie
+
+
+class ModelRef(BaseModel):
+    family: str
+    text_encoder: Component
+    vae: Component
+    denoiser: Component
+
+
+def local_folder(cfg: ModelConfig) -> Path:
+    source = cfg.source
+    if source.startswith(BUILTIN_PREFIX):
+        return builtin_path(source[len(BUILTIN_PREFIX):])
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ValueError(f"model.source: {source!r} is not a diffusers model folder (no model_index.json)")
+        return path.resolve()
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise ValueError(f"model.source: {source!r} does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, revision=cfg.revision))
+    except Exception as exc:
+        raise ValueError(f"model.source: cannot get {source!r} from the hub: {exc}") from exc
+
+
+def resolve_model(cfg: ModelConfig) -> ModelRef:
+    family = get_family(cfg.family)
+    root = local_folder(cfg)
+    for folder in (*family.text_folders, *family.vae_folders, *family.denoiser_folders):
+        if not (root / folder).is_dir():
+            raise ValueError(f"model.source: {root} has no {folder}/ folder, needed by family {family.name!r}")
+
+    def component(folders: tuple[str, ...]) -> Component:
+        return Component(path=str(root), fingerprint=fingerprint_folders(root, list(folders)))
+
+    return ModelRef(
+        family=family.name,
+        text_encoder=component(family.text_folders),
+        vae=component(family.vae_folders),
+        denoiser=component(family.denoiser_folders),
+    )

@@ -1,0 +1,168 @@
+"""The artifact store: content-keyed objects on any fsspec filesystem.
+
+Three concepts, as in git:
+- a *content key* is the hash of everything that determines an artifact (see `hashing`);
+- an *object* is the artifact's bytes at `objects/<kind>/<key>.<ext>`, plus a checksum file
+  `<path>.sha256` written last, which is what makes the object count as present;
+- a *manifest* is the small JSON value a task returns: `ObjectRef`s (path, key, sha256).
+
+Writes go to a temporary name and are moved into place, so a reader never sees half a file and
+an interrupted write leaves nothing that counts as present. Every read re-hashes the bytes: a
+missing, truncated or altered object is a miss (`ArtifactMissing`), never a crash or a None.
+Tensors are safetensors; nothing here ever unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import torch
+from fsspec.core import url_to_fs
+from pydantic import BaseModel
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from loraflow.hashing import sha256_bytes
+
+
+class ArtifactMissing(Exception):
+    """An object is absent, half-written or does not match its checksum."""
+
+
+class StoreError(Exception):
+    """The store URL cannot be used."""
+
+
+class ObjectRef(BaseModel):
+    path: str  # relative to the store root
+    key: str  # content key of the inputs that produced it
+    sha256: str  # of the bytes
+
+    def cache_token(self) -> str:
+        # Downstream keys depend on what an object *is* (its inputs), not on where it lies or on
+        # bit-level noise of recomputing it.
+        return self.key
+
+
+class Store:
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        if "://" not in url:  # a local path: make the URLs in reports absolute
+            url = str(Path(url).expanduser().resolve())
+        self.url = url.rstrip("/")
+        self.storage_options = storage_options or {}
+        try:
+            self.fs, self.root = url_to_fs(self.url, **self.storage_options)
+            self.fs.makedirs(self.root, exist_ok=True)
+        except Exception as exc:  # bad protocol, missing package, unreachable, no permission
+            raise StoreError(f"store: cannot open {url!r}: {exc}") from exc
+        self.root = self.root.rstrip("/")
+        self.is_local = "file" in _protocols(self.fs)
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    def abs(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def url_of(self, rel: str) -> str:
+        return f"{self.url}/{rel}"
+
+    # --- objects -------------------------------------------------------------------------------
+    @staticmethod
+    def object_path(kind: str, key: str, ext: str) -> str:
+        return f"objects/{kind}/{key[:2]}/{key}.{ext}"
+
+    def put(self, kind: str, key: str, data: bytes, ext: str) -> ObjectRef:
+        path = self.object_path(kind, key, ext)
+        digest = sha256_bytes(data)
+        self.write_atomic(path, data)
+        self.write_atomic(path + ".sha256", digest.encode())  # last: marks the object present
+        return ObjectRef(path=path, key=key, sha256=digest)
+
+    def find(self, kind: str, key: str, ext: str) -> ObjectRef | None:
+        """The stored, intact object for `key`, or None."""
+        path = self.object_path(kind, key, ext)
+        try:
+            digest = self.fs.cat_file(self.abs(path + ".sha256")).decode().strip()
+            ref = ObjectRef(path=path, key=key, sha256=digest)
+            self.read(ref)
+            return ref
+        except (FileNotFoundError, ArtifactMissing, UnicodeDecodeError):
+            return None
+
+    def read(self, ref: ObjectRef) -> bytes:
+        try:
+            data = self.fs.cat_file(self.abs(ref.path))
+        except FileNotFoundError:
+            raise ArtifactMissing(f"{self.url_of(ref.path)} is missing") from None
+        if sha256_bytes(data) != ref.sha256:
+            raise ArtifactMissing(f"{self.url_of(ref.path)} does not match its checksum")
+        return data
+
+    def intact(self, ref: ObjectRef) -> bool:
+        try:
+            self.read(ref)
+            return True
+        except ArtifactMissing:
+            return False
+
+    def put_tensors(self, kind: str, key: str, tensors: dict[str, torch.Tensor],
+                    metadata: dict[str, str] | None = None) -> ObjectRef:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        return self.put(kind, key, save_safetensors(tensors, metadata=metadata), "safetensors")
+
+    def read_tensors(self, ref: ObjectRef) -> dict[str, torch.Tensor]:
+        return load_safetensors(self.read(ref))
+
+    # --- plain files ---------------------------------------------------------------------------
+    def write_atomic(self, rel: str, data: bytes) -> None:
+        final = self.abs(rel)
+        tmp = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
+        parent = final.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        self.fs.pipe_file(tmp, data)
+        self.fs.mv(tmp, final)
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.abs(rel))
+
+    def delete(self, rel: str) -> None:
+        if self.fs.exists(self.abs(rel)):
+            self.fs.rm(self.abs(rel), recursive=True)
+
+    def listdir(self, rel: str) -> list[str]:
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.abs(rel), detail=False))
+        except FileNotFoundError:
+            return []
+
+    # --- Prefect's cache records live here too --------------------------------------------------
+    def prefect_result_storage(self):
+        """Result storage for Prefect's cache records, inside this store (`records/`).
+
+        A local store is a plain Path (Prefect wraps it in LocalFileSystem); a remote one is a
+        RemoteFileSystem block, saved under a name derived from the URL because Prefect only
+        accepts saved blocks as task result storage.
+        """
+        if self.is_local:
+            return Path(self.abs("records"))
+        from prefect.filesystems import RemoteFileSystem
+
+        name = "loraflow-records-" + sha256_bytes(self.url.encode())[:16]
+        RemoteFileSystem(basepath=self.url_of("records"), settings=self.storage_options).save(name, overwrite=True)
+        return f"remote-file-system/{name}"
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The string metadata in a safetensors file's header."""
+    header_len = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)

@@ -1,0 +1,31 @@
+"""null-embedding: the encoder's output for the empty prompt (with its mask where the family has one).
+
+Used for classifier-free guidance when sampling and for caption dropout when training. The flow
+asks for it whenever either needs it; no setting can skip it.
+"""
+
+from __future__ import annotations
+
+from prefect import task
+
+from loraflow.config import EncoderConfig
+from loraflow.families import get_family
+from loraflow.hashing import content_key
+from loraflow.manifests import NullEmbedding
+from loraflow.models import Component
+from loraflow.store import Store
+from tasks.caching import ContentKey
+
+# Key: text-encoder fingerprint and encoder settings.
+CACHE_KEY = ContentKey("family", "text_encoder", "settings")
+
+
+@task(name="null-embedding", task_run_name="null-embedding", cache_policy=CACHE_KEY, result_serializer="json")
+def null_embedding(family: str, text_encoder: Component, settings: EncoderConfig, store: Store) -> NullEmbedding:
+    key = content_key("null-embedding", family, text_encoder, settings)
+    ref = store.find("null", key, "safetensors")
+    if ref:
+        return NullEmbedding(embedding=ref, reused=1)
+    fam = get_family(family)
+    embedding = fam.null_embedding(fam.load_text_encoder(text_encoder.path, settings), settings)
+    return NullEmbedding(embedding=store.put_tensors("null", key, embedding), computed=1)

@@ -1,0 +1,125 @@
+"""train: LoRA or full fine-tuning of the denoiser on cached latents and caption embeddings.
+
+It never loads the text encoder or the VAE: it reads only the objects its upstream tasks handed
+it. Every `checkpoint_every` steps it stores the exported weights and a checkpoint (optimizer
+state, RNG state, step); a run with the same cache key resumes from the latest intact one.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from prefect import get_run_logger, task
+from safetensors.torch import load as load_safetensors
+
+from loraflow.config import TrainConfig
+from loraflow.families import get_family
+from loraflow.hashing import content_key
+from loraflow.manifests import Example, NullEmbedding, Weights
+from loraflow.models import Component
+from loraflow.store import Store, safetensors_metadata
+from loraflow.weights import export_weights, import_weights
+from tasks.caching import ContentKey
+
+# Key: base denoiser fingerprint, the (latent, caption embedding) pairs, the null embedding when
+# caption dropout uses it, hyperparameters and seed (in `hp`).
+CACHE_KEY = ContentKey("family", "denoiser", "examples", "null", "hp")
+
+
+@task(name="train", task_run_name="train", cache_policy=CACHE_KEY, result_serializer="json")
+def train(family: str, denoiser: Component, examples: list[Example], null: NullEmbedding | None,
+          hp: TrainConfig, store: Store) -> Weights:
+    logger = get_run_logger()
+    run_key = CACHE_KEY.key_for("train", locals())  # checkpoints live under this run's cache key
+    fam = get_family(family)
+
+    # Data: everything comes from the store by the refs upstream handed us.
+    latents = [store.read_tensors(e.latent) for e in examples]
+    captions = [store.read_tensors(e.caption) for e in examples]
+    null_cond = store.read_tensors(null.embedding) if hp.caption_dropout > 0 else None
+
+    # Model and optimizer.
+    torch.manual_seed(hp.seed)
+    model = fam.load_denoiser(denoiser.path)
+    if hp.method == "lora":
+        model.requires_grad_(False)
+        fam.add_lora(model, hp.rank, hp.alpha)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=hp.learning_rate)
+    schedule = fam.load_noise_schedule(denoiser.path)
+    generator = torch.Generator().manual_seed(hp.seed)
+
+    steps: dict[int, object] = {}
+    start = resume(store, run_key, hp, fam, model, optimizer, generator, steps)
+    if start:
+        logger.info("resuming from step %d (checkpoint %s)", start, checkpoint_key(run_key, start)[:12])
+
+    model.train()
+    for step in range(start, hp.steps):
+        batch = torch.randperm(len(examples), generator=generator)[: hp.batch_size].tolist()
+        x = torch.stack([pick_latent(latents[i], generator) for i in batch])
+        cond = {name: torch.stack([captions[i][name] for i in batch]) for name in captions[0]}
+        if null_cond is not None:
+            drop = torch.rand(len(batch), generator=generator) < hp.caption_dropout
+            for name, value in cond.items():
+                value[drop] = null_cond[name]
+        loss = fam.training_loss(model, schedule, x, cond, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        done = step + 1
+        if done % hp.checkpoint_every == 0 or done == hp.steps:
+            steps[done] = save_checkpoint(store, run_key, done, hp, fam, model, optimizer, generator)
+            logger.info("step %d/%d loss %.4f: checkpoint stored", done, hp.steps, loss.item())
+    return Weights(method=hp.method, final_step=hp.steps, steps=steps, computed=hp.steps - start, reused=start)
+
+
+def pick_latent(item: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+    if "latent_flipped" in item and torch.rand((), generator=generator) < 0.5:
+        return item["latent_flipped"]
+    return item["latent"]
+
+
+def checkpoint_key(run_key: str, step: int) -> str:
+    return content_key("checkpoint", run_key, step)
+
+
+def save_checkpoint(store, run_key, step, hp, fam, model, optimizer, generator):
+    key = checkpoint_key(run_key, step)
+    weights = store.put("weights", key, export_weights(fam, model, hp.method), "safetensors")
+    state = optimizer.state_dict()
+    tensors = {f"optimizer.{i}.{name}": value for i, s in state["state"].items() for name, value in s.items()}
+    tensors["rng"] = generator.get_state()
+    meta = {"step": str(step), "param_groups": json.dumps(state["param_groups"])}
+    store.put_tensors("checkpoints", key, tensors, metadata=meta)  # after the weights: marks the step done
+    return weights
+
+
+def resume(store, run_key, hp, fam, model, optimizer, generator, steps) -> int:
+    """Load the latest step whose weights and checkpoint are both intact; return it (0 if none)."""
+    saved = [s for s in range(hp.checkpoint_every, hp.steps + 1, hp.checkpoint_every)]
+    found = {}
+    for step in saved:
+        key = checkpoint_key(run_key, step)
+        weights, ckpt = store.find("weights", key, "safetensors"), store.find("checkpoints", key, "safetensors")
+        if not (weights and ckpt):
+            break
+        found[step] = (weights, ckpt)
+    if not found:
+        return 0
+    step = max(found)
+    weights, ckpt = found[step]
+    import_weights(fam, model, hp.method, store.read(weights))
+    data = store.read(ckpt)
+    tensors, meta = load_safetensors(data), safetensors_metadata(data)
+    state = {"state": {}, "param_groups": json.loads(meta["param_groups"])}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, field = name.split(".", 2)
+            state["state"].setdefault(int(index), {})[field] = value
+    optimizer.load_state_dict(state)
+    generator.set_state(tensors["rng"])
+    steps.update({s: w for s, (w, _) in found.items()})
+    return step
+
