@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -37,6 +38,11 @@ def apply_weights(pipe: DiffusionPipeline, family: Family, method: str, data: by
     if method == "lora":
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / LORA_FILE).write_bytes(data)
-            pipe.load_lora_weights(tmp, weight_name=LORA_FILE)
+            level = diffusers_logging.get_verbosity()
+            diffusers_logging.set_verbosity_error()  # "no LoRA keys for text_encoder": there is none
+            try:
+                pipe.load_lora_weights(tmp, weight_name=LORA_FILE)
+            finally:
+                diffusers_logging.set_verbosity(level)
     else:
         getattr(pipe, family.denoiser_folder).load_state_dict(load_safetensors(data))

@@ -85,7 +85,7 @@ class Sana(Family):
     def generate(self, pipe, cond: Cond, null: Cond, settings, size, generator):
         return pipe(
             prompt_embeds=cond["prompt_embeds"][None], prompt_attention_mask=cond["prompt_attention_mask"][None],
-            negative_prompt_embeds=null["prompt_embeds"][None],
+            negative_prompt=None, negative_prompt_embeds=null["prompt_embeds"][None],
             negative_prompt_attention_mask=null["prompt_attention_mask"][None],
             guidance_scale=settings.guidance_scale, num_inference_steps=settings.steps,
             height=size, width=size, generator=generator, use_resolution_binning=False,

@@ -1,0 +1,157 @@
+"""The change matrix: after a full first run, change one thing and check which stages re-run.
+
+States are Prefect's own task-run states, read back from the API for real flow runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from loraflow.builtin import builtin_path
+from loraflow.dataset import draw_shape
+from tests.helpers import STAGES, row, run, small_config
+
+C, R = "Cached", "Completed"
+BOTH = pytest.mark.parametrize("baseline", ["sd", "sana"], indirect=True)  # rows that also hold for Sana
+SD = pytest.mark.parametrize("baseline", ["sd"], indirect=True)
+
+
+def expect(**changed: str) -> dict[str, str]:
+    return {stage: changed.get(stage, C) for stage in STAGES}
+
+
+def perturb(model_dir: Path, folder: str) -> None:
+    (weights,) = (model_dir / folder).glob("*.safetensors")
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 0.01
+    save_file(tensors, weights)
+
+
+@pytest.fixture(scope="module")
+def baseline(request, tmp_path_factory):
+    """One full run of the tiny model on a copy of the model folder and a generated dataset."""
+    family = request.param
+    root = tmp_path_factory.mktemp(f"baseline-{family}")
+    model = root / "model"
+    shutil.copytree(builtin_path(f"tiny-{family}"), model)
+    from loraflow.dataset import generate_shapes
+
+    generate_shapes(root / "data", variants=1)
+    cfg = small_config(root / "store", root / "data", family, model={"source": str(model)})
+    report, states = run(cfg)
+    assert states == expect(**{s: R for s in STAGES})
+    return root, cfg
+
+
+def fork(baseline, tmp_path):
+    """A private copy of the baseline's store, dataset and model, and a config pointing at it."""
+    root, cfg = baseline
+    for part in ("store", "data", "model"):
+        shutil.copytree(root / part, tmp_path / part)
+    data = cfg.model_dump()
+    data["store"] = str(tmp_path / "store")
+    data["dataset"]["source"] = str(tmp_path / "data")
+    data["model"]["source"] = str(tmp_path / "model")
+    return tmp_path, data
+
+
+@BOTH
+def test_nothing_changed(baseline, tmp_path):
+    root, cfg = fork(baseline, tmp_path)
+    report, states = run(type(baseline[1]).model_validate(cfg))
+    assert states == expect()
+    assert all(r.computed == 0 for r in report.tasks)
+
+
+@BOTH
+def test_one_sample_prompt_edited(baseline, tmp_path):
+    root, cfg = fork(baseline, tmp_path)
+    cfg["sample"]["prompts"] = ["a red circle", "a yellow circle on grass"]
+    report, states = run(type(baseline[1]).model_validate(cfg))
+    assert states == expect(prompts=R, sample=R)
+    assert (row(report, "prompts").computed, row(report, "prompts").reused) == (1, 1)
+    assert (row(report, "sample").computed, row(report, "sample").reused) == (1, 1)
+
+
+@SD
+@pytest.mark.parametrize("setting,value", [("steps", 3), ("guidance_scale", 5.0), ("seed", 7)])
+def test_sampler_setting_changed(baseline, tmp_path, setting, value):
+    root, cfg = fork(baseline, tmp_path)
+    cfg["sample"][setting] = value
+    report, states = run(type(baseline[1]).model_validate(cfg))
+    assert states == expect(sample=R)
+    assert row(report, "sample").computed == 2
+
+
+@BOTH
+def test_one_caption_edited(baseline, tmp_path):
+    root, cfg = fork(baseline, tmp_path)
+    (root / "data" / "red_circle_0.txt").write_text("a crimson circle\n")
+    report, states = run(type(baseline[1]).model_validate(cfg))
+    assert states == expect(captions=R, train=R, sample=R)
+    assert row(report, "captions").computed == 1
+
+
+@SD
+def test_one_image_added(baseline, tmp_path):
+    root, cfg = fork(baseline, tmp_path)
+    draw_shape("red", "square", 2).save(root / "data" / "red_square_9.png")
+    (root / "data" / "red_square_9.txt").write_text("a big red square\n")
+    report, states = run(type(baseline[1]).model_validate(cfg))
+    assert states == expect(captions=R, latents=R, train=R, sample=R)
+    assert row(report, "captions").computed == 1
+    assert row(report, "latents").computed == 1
+
+
+@SD
+def test_learning_rate_changed(baseline, tmp_path):
+    root, cfg = fork(baseline, tmp_path)
+    cfg["train"]["learning_rate"] = 5e-4
+    report, states = run(type(baseline[1]).model_validate(cfg))
+    assert states == expect(train=R, sample=R)
+
+
+@SD
+def test_text_encoder_weights_changed(baseline, tmp_path):
+    root, cfg = fork(baseline, tmp_path)
+    perturb(root / "model", "text_encoder")
+    report, states = run(type(baseline[1]).model_validate(cfg))
+    assert states == expect(captions=R, prompts=R, null=R, train=R, sample=R)
+
+
+@SD
+def test_vae_weights_changed(baseline, tmp_path):
+    root, cfg = fork(baseline, tmp_path)
+    perturb(root / "model", "vae")
+    report, states = run(type(baseline[1]).model_validate(cfg))
+    assert states == expect(latents=R, train=R, sample=R)
+
+
+@SD
+def test_same_store_fresh_prefect_database(baseline, tmp_path):
+    """A new process with its own Prefect home (an embedded server on a new database), via the CLI."""
+    root, cfg = fork(baseline, tmp_path)
+    (root / "run.yaml").write_text(json.dumps(cfg))  # JSON is YAML
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PREFECT_HOME"] = str(tmp_path / "fresh-prefect-home")
+    done = subprocess.run(
+        [sys.executable, "-m", "loraflow.cli", "run", "--config", str(root / "run.yaml"), "--report", str(root / "r.json")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "fresh-prefect-home" / "prefect.db").exists()
+    report = json.loads((root / "r.json").read_text())
+    assert {r["task"] + (f"[{r['role']}]" if r["role"] else ""): r["state"] for r in report["tasks"]} == {
+        "encode-prompts[captions]": C, "encode-prompts[sample prompts]": C, "null-embedding": C,
+        "build-latent-cache": C, "train": C, "sample": C,
+    }
