@@ -143,7 +143,7 @@ SHAPES = ("circle", "square", "triangle")
 def draw_shape(colour: str, shape: str, variant: int, size: int = 64) -> Image.Image:
     img = Image.new("RGB", (size, size), (245, 245, 245))
     draw = ImageDraw.Draw(img)
-    margin = size // 8 + (variant % 3) * size // 16
+    margin = size // 16 + (variant % 3) * size // 32
     box = (margin, margin, size - margin, size - margin)
     fill = COLOURS[colour]
     if shape == "circle":
@@ -172,7 +172,7 @@ def generate_shapes(folder, variants: int = 2) -> None:
 def builtin_dataset(name: str) -> str:
     if name != "shapes":
         raise DatasetError(f"dataset.source: unknown built-in dataset {name!r}; known: shapes")
-    folder = cache_root() / "datasets" / "shapes-v1"
+    folder = cache_root() / "datasets" / "shapes-v2"
     if not (folder / "DONE").exists():
         generate_shapes(folder)
         (folder / "DONE").write_text("")

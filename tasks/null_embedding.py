@@ -20,9 +20,13 @@ from tasks.caching import ContentKey
 CACHE_KEY = ContentKey("family", "text_encoder", "settings")
 
 
+def null_key(family: str, text_encoder: Component, settings: EncoderConfig) -> str:
+    return content_key("null-embedding", family, text_encoder, settings)
+
+
 @task(name="null-embedding", task_run_name="null-embedding", cache_policy=CACHE_KEY, result_serializer="json")
 def null_embedding(family: str, text_encoder: Component, settings: EncoderConfig, store: Store) -> NullEmbedding:
-    key = content_key("null-embedding", family, text_encoder, settings)
+    key = null_key(family, text_encoder, settings)
     ref = store.find("null", key, "safetensors")
     if ref:
         return NullEmbedding(embedding=ref, reused=1)

@@ -1,0 +1,91 @@
+"""Bad input: one clear error naming the file or field, and nothing stored is lost or half-written."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+
+from flows.finetune import finetune
+from loraflow.dataset import generate_shapes
+from tests.helpers import run, small_config
+
+
+def snapshot(store: Path) -> dict[str, str]:
+    return {str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(store.rglob("*")) if p.is_file() and "reports" not in p.parts}
+
+
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    """A store holding one complete run, and the dataset it was made from."""
+    root = tmp_path_factory.mktemp("bad-input")
+    generate_shapes(root / "data", variants=1)
+    run(small_config(root / "store", root / "data"))
+    return root
+
+
+@pytest.fixture
+def workspace(stored, tmp_path):
+    shutil.copytree(stored / "data", tmp_path / "data")
+    shutil.copytree(stored / "store", tmp_path / "store")
+    return tmp_path
+
+
+def fails_cleanly(cfg, workspace: Path, *names: str) -> None:
+    before = snapshot(workspace / "store")
+    with pytest.raises(Exception) as info:
+        finetune(cfg)
+    message = str(info.value)
+    for name in names:
+        assert name in message, message
+    after = snapshot(workspace / "store")
+    assert after == before  # nothing lost, nothing half-written, no temporary files left
+
+
+@pytest.mark.parametrize("content", [b"", b"\x89PNG\r\n\x1a\n not really a png"], ids=["empty", "corrupt"])
+def test_unreadable_image(workspace, content):
+    (workspace / "data" / "green_square_0.png").write_bytes(content)
+    cfg = small_config(workspace / "store", workspace / "data")
+    fails_cleanly(cfg, workspace, "green_square_0.png")
+
+
+def test_image_without_caption(workspace):
+    (workspace / "data" / "blue_circle_0.txt").unlink()
+    cfg = small_config(workspace / "store", workspace / "data")
+    fails_cleanly(cfg, workspace, "blue_circle_0.png", "blue_circle_0.txt")
+
+
+def test_imagefolder_without_caption(workspace):
+    (workspace / "data" / "metadata.jsonl").write_text('{"file_name": "red_circle_0.png", "text": "a red circle"}\n')
+    cfg = small_config(workspace / "store", workspace / "data")
+    fails_cleanly(cfg, workspace, "metadata.jsonl")
+
+
+def test_unknown_model_path(workspace):
+    cfg = small_config(workspace / "store", workspace / "data", model={"source": str(workspace / "no-such-model")})
+    fails_cleanly(cfg, workspace, "model.source", "no-such-model")
+
+
+def test_unreadable_store_url(workspace):
+    blocker = workspace / "a-file"
+    blocker.write_text("")
+    cfg = small_config(blocker / "store", workspace / "data")
+    with pytest.raises(Exception) as info:
+        finetune(cfg)
+    assert "store" in str(info.value) and str(blocker) in str(info.value)
+    cfg = small_config("nosuchprotocol://bucket/store", workspace / "data")
+    with pytest.raises(Exception, match="store: cannot open 'nosuchprotocol://bucket/store'"):
+        finetune(cfg)
+
+
+def test_empty_sample_prompt_file_trains_without_sampling(workspace):
+    prompts = workspace / "prompts.txt"
+    prompts.write_text("\n# nothing to sample yet\n\n")
+    cfg = small_config(workspace / "store", workspace / "data", sample={"prompts": None, "prompts_file": str(prompts)})
+    report, states = run(cfg)
+    assert "sample" not in states and "prompts" not in states
+    assert states["train"] == "Cached"  # same training inputs as the stored run
+    assert report.samples == []
