@@ -14,7 +14,6 @@ os.environ["HF_HOME"] = str(_HOME / "hf")
 os.environ.setdefault("LORAFLOW_HOME", str(_HOME / "loraflow"))
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
-os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
 
 import pytest  # noqa: E402
 

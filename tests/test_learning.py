@@ -1,0 +1,55 @@
+"""Training learns: samples whose prompt names a colour look like that colour's training images.
+
+This guards against captions and latents drifting out of alignment (e.g. latents read back by
+loader position while captions are shuffled): with misaligned pairs the colours come out wrong.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from PIL import Image
+
+from loraflow.builtin import builtin_path
+from loraflow.dataset import COLOURS, builtin_dataset, to_pixels
+from tests.helpers import run, small_config
+
+
+def chroma(rgb: np.ndarray) -> np.ndarray:
+    return rgb - rgb.mean()  # colour without brightness
+
+
+def test_samples_take_the_colour_their_prompt_names(tmp_path):
+    data = builtin_dataset("shapes")
+    cfg = small_config(
+        tmp_path / "store", data,
+        encoder={"max_length": 16},
+        train={"method": "full", "steps": 600, "checkpoint_every": 600, "batch_size": 8, "learning_rate": 1e-3},
+        sample={"prompts": [f"a {c} circle" for c in COLOURS], "steps": 20, "guidance_scale": 5.0, "images_per_prompt": 2},
+    )
+    report, states = run(cfg)
+    assert states["train"] == "Completed"
+
+    # Each colour's training images as the model sees them: through the same VAE and back.
+    vae = AutoencoderKL.from_pretrained(builtin_path("tiny-sd"), subfolder="vae")
+    reference = {}
+    for colour in COLOURS:
+        pixels = torch.stack([to_pixels(p.read_bytes(), 32, True) for p in sorted(Path(data).glob(f"{colour}_*.png"))])
+        with torch.no_grad():
+            decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample.clamp(-1, 1)
+        reference[colour] = chroma(((decoded + 1) * 127.5).mean((0, 2, 3)).numpy())
+
+    votes = {}
+    for url in report.samples:
+        image = Image.open(url)
+        mean = chroma(np.asarray(image.convert("RGB"), dtype=np.float32).reshape(-1, 3).mean(0))
+        nearest = min(COLOURS, key=lambda c: np.linalg.norm(mean - reference[c]))
+        colour = image.text["prompt"].split()[1]
+        votes.setdefault(colour, []).append(nearest == colour)
+    right = [c for c, v in votes.items() if sum(v) > len(v) / 2]
+    assert len(votes) == len(COLOURS)
+    assert len(right) >= len(COLOURS) - 1, votes
+
