@@ -1,7 +1,7 @@
 """Content hashing: the one way loraflow turns values into keys.
 
 `content_key(*parts)` is a sha256 over a canonical JSON form of its arguments. Pydantic models
-contribute their JSON dump, or only what their `cache_token()` returns (an `ObjectRef`
+contribute their fields (recursively), or only what their `cache_token()` returns (an `ObjectRef`
 contributes its content key, not its location), so two equal inputs give the same key on any
 machine, in any process, under any module name.
 """
@@ -18,7 +18,9 @@ from pydantic import BaseModel
 def canonical(value: Any) -> Any:
     if isinstance(value, BaseModel):
         token = getattr(value, "cache_token", None)
-        return canonical(token() if token else value.model_dump(mode="json"))
+        if token:
+            return canonical(token())
+        return {name: canonical(getattr(value, name)) for name in sorted(type(value).model_fields)}
     if isinstance(value, dict):
         return {str(k): canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
     if isinstance(value, (list, tuple)):

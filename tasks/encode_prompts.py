@@ -14,7 +14,6 @@ from tasks.caching import ContentKey
 
 # Key: text-encoder fingerprint (weights, config, tokenizer), encoder settings, prompt texts.
 CACHE_KEY = ContentKey("family", "text_encoder", "settings", "prompts")
-BATCH = 16
 
 
 def embedding_key(family: str, text_encoder: Component, settings: EncoderConfig, prompt: str) -> str:
@@ -36,9 +35,7 @@ def encode_prompts(prompts: list[str], family: str, text_encoder: Component, set
     if todo:
         fam = get_family(family)
         encoder = fam.load_text_encoder(text_encoder.path, settings)
-        for start in range(0, len(todo), BATCH):
-            batch = todo[start : start + BATCH]
-            for (prompt, key), embedding in zip(batch, fam.encode(encoder, [p for p, _ in batch], settings)):
-                items[prompt] = store.put_tensors("embeddings", key, embedding)
+        for prompt, key in todo:  # one at a time: an object's bytes depend on its key alone
+            items[prompt] = store.put_tensors("embeddings", key, fam.encode(encoder, [prompt], settings)[0])
     logger.info("%s: %d prompt(s) encoded, %d reused", role, len(todo), len(items) - len(todo))
     return Embeddings(items=items, computed=len(todo), reused=len(items) - len(todo))

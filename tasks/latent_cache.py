@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 from prefect import get_run_logger, task
 
-from loraflow.dataset import ImageItem, read_image, to_pixels
+from loraflow.dataset import DatasetError, ImageItem, read_image, to_pixels
 from loraflow.families import get_family
-from loraflow.hashing import content_key
+from loraflow.hashing import content_key, sha256_bytes
 from loraflow.manifests import Latents
 from loraflow.models import Component
 from loraflow.store import Store
@@ -15,7 +14,6 @@ from tasks.caching import ContentKey
 
 # Key: VAE fingerprint, image bytes (sha256), resolution / crop / flip settings.
 CACHE_KEY = ContentKey("family", "vae", "images", "resolution", "center_crop", "flip")
-BATCH = 8
 
 
 def latent_key(family: str, vae: Component, image: ImageItem, resolution: int, center_crop: bool, flip: bool) -> str:
@@ -37,15 +35,14 @@ def build_latent_cache(images: list[ImageItem], family: str, vae: Component, res
     if todo:
         fam = get_family(family)
         model = fam.load_vae(vae.path)
-        for start in range(0, len(todo), BATCH):
-            batch = todo[start : start + BATCH]
-            data = [read_image(image.url) for image, _ in batch]
-            latents = fam.encode_images(model, torch.stack([to_pixels(d, resolution, center_crop) for d in data]))
+        for image, key in todo:  # one at a time: an object's bytes depend on its key alone
+            data = read_image(image.url)
+            if sha256_bytes(data) != image.sha256:
+                raise DatasetError(f"dataset: {image.url} changed while the run was reading it")
+            tensors = {"latent": fam.encode_images(model, to_pixels(data, resolution, center_crop)[None])[0]}
             if flip:
-                mirrored = torch.stack([to_pixels(d, resolution, center_crop, flip=True) for d in data])
-                flipped = fam.encode_images(model, mirrored)
-            for n, (image, key) in enumerate(batch):
-                tensors = {"latent": latents[n]} | ({"latent_flipped": flipped[n]} if flip else {})
-                items[image.sha256] = store.put_tensors("latents", key, tensors, metadata={"image": image.name})
+                mirrored = to_pixels(data, resolution, center_crop, flip=True)[None]
+                tensors["latent_flipped"] = fam.encode_images(model, mirrored)[0]
+            items[image.sha256] = store.put_tensors("latents", key, tensors, metadata={"image": image.name})
     logger.info("%d latent(s) encoded, %d reused", len(todo), len(items) - len(todo))
     return Latents(items=items, computed=len(todo), reused=len(items) - len(todo))

@@ -76,10 +76,13 @@ class Family:
 
     def export_lora(self, denoiser: torch.nn.Module) -> bytes:
         """The LoRA as the bytes of the file the family's pipeline `load_lora_weights` reads."""
+        config = denoiser.peft_config["default"].to_dict()
+        # peft keeps target modules as a set; sort them so the same weights give the same bytes.
+        config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
         with tempfile.TemporaryDirectory() as tmp:
             self.pipeline_class.save_lora_weights(tmp, **{
                 f"{self.denoiser_folder}_lora_layers": get_peft_model_state_dict(denoiser),
-                f"{self.denoiser_folder}_lora_adapter_metadata": denoiser.peft_config["default"].to_dict(),
+                f"{self.denoiser_folder}_lora_adapter_metadata": config,
             })
             return (Path(tmp) / "pytorch_lora_weights.safetensors").read_bytes()
 
