@@ -155,3 +155,13 @@ def test_same_store_fresh_prefect_database(baseline, tmp_path):
         "encode-prompts[captions]": C, "encode-prompts[sample prompts]": C, "null-embedding": C,
         "build-latent-cache": C, "train": C, "sample": C,
     }
+
+
+@SD
+@pytest.mark.parametrize("setting,value", [("flip", True), ("center_crop", False), ("resolution", 64)])
+def test_latent_settings_changed(baseline, tmp_path, setting, value):
+    root, cfg = fork(baseline, tmp_path)
+    cfg["dataset"][setting] = value
+    report, states = run(type(baseline[1]).model_validate(cfg))
+    assert states == expect(latents=R, train=R, sample=R)
+    assert row(report, "latents").computed == row(report, "latents").reused + row(report, "latents").computed
