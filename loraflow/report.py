@@ -59,6 +59,6 @@ class StageRunner:
             cache_key=task.cache_policy.key_for(task.name, inputs),
             seconds=round(time.perf_counter() - started, 3),
             computed=0 if cached else result.computed,
-            reused=len(result.refs()) if cached else result.reused,
+            reused=result.computed + result.reused if cached else result.reused,
         ))
         return result

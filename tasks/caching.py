@@ -21,7 +21,6 @@ from prefect.logging import get_logger
 
 from loraflow import CACHE_VERSION
 from loraflow.hashing import content_key
-from loraflow.manifests import Manifest
 from loraflow.store import Store
 
 logger = get_logger("loraflow.cache")
@@ -49,11 +48,9 @@ def drop_if_stale(result_store, key: str, store: Store) -> None:
         if not result_store.exists(key):
             return
         manifest = result_store.read(key).result
-    except Exception as exc:  # unreadable record: Prefect would treat it as a miss anyway
-        logger.warning("cache record %s is unreadable (%s); recomputing", key[:12], exc)
-        store.delete(f"records/{key}")
-        return
-    broken = [ref.path for ref in manifest.refs() if not store.intact(ref)] if isinstance(manifest, Manifest) else ["?"]
+        broken = [ref.path for ref in manifest.refs() if not store.intact(ref)]
+    except Exception as exc:  # unreadable record, or not a manifest: not worth keeping
+        broken = [f"the record itself ({exc})"]
     if broken:
         logger.warning("cache record %s names %d missing or corrupt artifact(s), e.g. %s; recomputing",
                        key[:12], len(broken), broken[0])

@@ -31,12 +31,15 @@ CACHE_KEY = ContentKey("family", "denoiser", "examples", "null", "hp")
 def train(family: str, denoiser: Component, examples: list[Example], null: NullEmbedding | None,
           hp: TrainConfig, store: Store) -> Weights:
     logger = get_run_logger()
-    run_key = CACHE_KEY.key_for("train", locals())  # checkpoints live under this run's cache key
+    # Checkpoints live under this run's cache key: a re-run with the same key resumes from them.
+    run_key = CACHE_KEY.key_for("train", dict(family=family, denoiser=denoiser, examples=examples, null=null, hp=hp))
     fam = get_family(family)
 
     # Data: everything comes from the store by the refs upstream handed us.
     latents = [store.read_tensors(e.latent) for e in examples]
     captions = [store.read_tensors(e.caption) for e in examples]
+    if hp.caption_dropout > 0 and null is None:
+        raise ValueError("train.caption_dropout > 0 needs the null embedding")
     null_cond = store.read_tensors(null.embedding) if hp.caption_dropout > 0 else None
 
     # Model and optimizer.

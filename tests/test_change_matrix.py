@@ -164,4 +164,18 @@ def test_latent_settings_changed(baseline, tmp_path, setting, value):
     cfg["dataset"][setting] = value
     report, states = run(type(baseline[1]).model_validate(cfg))
     assert states == expect(latents=R, train=R, sample=R)
-    assert row(report, "latents").computed == row(report, "latents").reused + row(report, "latents").computed
+    images = len(list((root / "data").glob("*.png")))
+    assert (row(report, "latents").computed, row(report, "latents").reused) == (images, 0)
+
+
+@SD
+def test_caption_dropout_always_gets_the_null_embedding(baseline, tmp_path):
+    """Sana #216: the null embedding was only written when sampling was on. Here caption dropout
+    alone asks for it, with no sample prompts and nothing to switch it off."""
+    root, cfg = fork(baseline, tmp_path)
+    cfg["train"]["caption_dropout"] = 0.5
+    cfg["sample"]["prompts"] = []
+    shutil.rmtree(root / "store" / "objects" / "null")  # as if no earlier run had made it
+    report, states = run(type(baseline[1]).model_validate(cfg))
+    assert states == {"captions": C, "null": R, "latents": C, "train": R}
+    assert row(report, "null").computed == 1

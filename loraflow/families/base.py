@@ -19,7 +19,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 
-from loraflow.config import EncoderConfig, SampleConfig
+from loraflow.config import EncoderConfig, SamplerSettings
 
 Cond = dict[str, torch.Tensor]  # one prompt's embedding tensors, e.g. {"prompt_embeds": (L, D)}
 
@@ -99,7 +99,7 @@ class Family:
         """The family's diffusers pipeline without text encoders: sampling reads cached embeddings."""
         raise NotImplementedError
 
-    def generate(self, pipe: DiffusionPipeline, cond: Cond, null: Cond, settings: SampleConfig,
+    def generate(self, pipe: DiffusionPipeline, cond: Cond, null: Cond, settings: SamplerSettings,
                  size: int, generator: torch.Generator) -> Image.Image:
         raise NotImplementedError
 
