@@ -48,6 +48,7 @@ class TrainConfig(_Section):
     batch_size: int = Field(4, ge=1)
     checkpoint_every: int = Field(25, ge=1)
     caption_dropout: float = Field(0.0, ge=0, le=1)
+    mixed_precision: Literal["no", "bf16"] = "no"
     seed: int = 0
 
 

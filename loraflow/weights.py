@@ -23,7 +23,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 def export_weights(family: Family, denoiser: torch.nn.Module, method: str) -> bytes:
     if method == "lora":
         return family.export_lora(denoiser)
-    return save_safetensors({k: v.detach().contiguous() for k, v in denoiser.state_dict().items()})
+    return save_safetensors({k: v.detach().cpu().contiguous() for k, v in denoiser.state_dict().items()})
 
 
 def import_weights(family: Family, denoiser: torch.nn.Module, method: str, data: bytes) -> None:

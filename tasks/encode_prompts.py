@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from accelerate import PartialState
 from prefect import get_run_logger, task
 
 from loraflow.config import EncoderConfig
@@ -34,7 +35,7 @@ def encode_prompts(prompts: list[str], family: str, text_encoder: Component, set
             todo.append((prompt, key))
     if todo:
         fam = get_family(family)
-        encoder = fam.load_text_encoder(text_encoder.path, settings)
+        encoder = fam.load_text_encoder(text_encoder.path, settings, PartialState().device)
         for prompt, key in todo:  # one at a time: an object's bytes depend on its key alone
             items[prompt] = store.put_tensors("embeddings", key, fam.encode(encoder, [prompt], settings)[0])
     logger.info("%s: %d prompt(s) encoded, %d reused", role, len(todo), len(items) - len(todo))

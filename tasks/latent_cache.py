@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from accelerate import PartialState
 from prefect import get_run_logger, task
 
 from loraflow.dataset import DatasetError, ImageItem, read_image, to_pixels
@@ -34,7 +35,7 @@ def build_latent_cache(images: list[ImageItem], family: str, vae: Component, res
             todo.append((image, key))
     if todo:
         fam = get_family(family)
-        model = fam.load_vae(vae.path)
+        model = fam.load_vae(vae.path, PartialState().device)
         for image, key in todo:  # one at a time: an object's bytes depend on its key alone
             data = read_image(image.url)
             if sha256_bytes(data) != image.sha256:

@@ -6,6 +6,7 @@ asks for it whenever either needs it; no setting can skip it.
 
 from __future__ import annotations
 
+from accelerate import PartialState
 from prefect import task
 
 from loraflow.config import EncoderConfig
@@ -31,5 +32,6 @@ def null_embedding(family: str, text_encoder: Component, settings: EncoderConfig
     if ref:
         return NullEmbedding(embedding=ref, reused=1)
     fam = get_family(family)
-    embedding = fam.null_embedding(fam.load_text_encoder(text_encoder.path, settings), settings)
+    encoder = fam.load_text_encoder(text_encoder.path, settings, PartialState().device)
+    embedding = fam.null_embedding(encoder, settings)
     return NullEmbedding(embedding=store.put_tensors("null", key, embedding), computed=1)

@@ -11,6 +11,7 @@ import io
 
 import torch
 from PIL import PngImagePlugin
+from accelerate import PartialState
 from prefect import get_run_logger, task
 
 from loraflow.config import SamplerSettings
@@ -49,15 +50,18 @@ def sample(family: str, denoiser: Component, vae: Component, weights: Weights, p
 
     if todo:
         fam = get_family(family)
-        vae_model = fam.load_vae(vae.path)
-        null_cond = store.read_tensors(null.embedding)
+        device = PartialState().device
+        vae_model = fam.load_vae(vae.path, device)
+        null_cond = {k: v.to(device) for k, v in store.read_tensors(null.embedding).items()}
         for step, jobs in todo.items():
             pipe = fam.pipeline(denoiser.path, fam.load_denoiser(denoiser.path).eval(), vae_model)
             apply_weights(pipe, fam, weights.method, store.read(weights.steps[step]))
+            pipe.to(device)
             pipe.set_progress_bar_config(disable=True)
             for slot, prompt, embedding, index, key in jobs:
                 generator = torch.Generator().manual_seed(settings.seed + index)
-                image = fam.generate(pipe, store.read_tensors(embedding), null_cond, settings, resolution, generator)
+                cond = {k: v.to(device) for k, v in store.read_tensors(embedding).items()}
+                image = fam.generate(pipe, cond, null_cond, settings, resolution, generator)
                 ref = store.put("samples", key, png_bytes(image, prompt, step), "png")
                 images[slot] = SampleImage(prompt=prompt, step=step, index=index, image=ref)
     made = sum(len(jobs) for jobs in todo.values())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import torch
+from accelerate import Accelerator
 from prefect import get_run_logger, task
 from safetensors.torch import load as load_safetensors
 
@@ -58,22 +59,27 @@ def train(family: str, denoiser: Component, examples: list[Example], null: NullE
     if start:
         logger.info("resuming from step %d (checkpoint %s)", start, checkpoint_key(run_key, start)[:12])
 
+    # accelerate places the model and batches on the GPU when there is one, and runs mixed precision.
+    accelerator = Accelerator(mixed_precision=hp.mixed_precision)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    device = accelerator.device
     model.train()
     for step in range(start, hp.steps):
         batch = torch.randperm(len(examples), generator=generator)[: hp.batch_size].tolist()
-        x = torch.stack([pick_latent(latents[i], generator) for i in batch])
+        x = torch.stack([pick_latent(latents[i], generator) for i in batch]).to(device)
         cond = {name: torch.stack([captions[i][name] for i in batch]) for name in captions[0]}
         if null_cond is not None:
             drop = torch.rand(len(batch), generator=generator) < hp.caption_dropout
             for name, value in cond.items():
                 value[drop] = null_cond[name]
+        cond = {name: value.to(device) for name, value in cond.items()}
         loss = fam.training_loss(model, schedule, x, cond, generator)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        accelerator.backward(loss)
         optimizer.step()
         done = step + 1
         if done % hp.checkpoint_every == 0 or done == hp.steps:
-            steps[done] = save_checkpoint(store, run_key, done, hp, fam, model, optimizer, generator)
+            steps[done] = save_checkpoint(store, run_key, done, hp, fam, accelerator.unwrap_model(model), optimizer, generator)
             logger.info("step %d/%d loss %.4f: checkpoint stored", done, hp.steps, loss.item())
     return Weights(method=hp.method, final_step=hp.steps, steps=steps, computed=hp.steps - start, reused=start)
 

@@ -40,11 +40,11 @@ class Family:
         return (self.denoiser_folder, "scheduler")
 
     # --- text -----------------------------------------------------------------------------------
-    def load_text_encoder(self, model_dir: str, settings: EncoderConfig) -> Any:
+    def load_text_encoder(self, model_dir: str, settings: EncoderConfig, device: torch.device) -> Any:
         raise NotImplementedError
 
     def encode(self, text_encoder: Any, prompts: list[str], settings: EncoderConfig) -> list[Cond]:
-        """One embedding dict per prompt, unbatched, padded to the max length."""
+        """One embedding dict per prompt, unbatched, padded to the max length, on the CPU."""
         raise NotImplementedError
 
     def null_embedding(self, text_encoder: Any, settings: EncoderConfig) -> Cond:
@@ -52,11 +52,11 @@ class Family:
         return self.encode(text_encoder, [""], settings)[0]
 
     # --- latents --------------------------------------------------------------------------------
-    def load_vae(self, model_dir: str) -> torch.nn.Module:
+    def load_vae(self, model_dir: str, device: torch.device) -> torch.nn.Module:
         raise NotImplementedError
 
     def encode_images(self, vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels (B, 3, H, W) in [-1, 1] -> normalised latents, deterministically."""
+        """pixels (B, 3, H, W) in [-1, 1] -> normalised latents on the CPU, deterministically."""
         raise NotImplementedError
 
     # --- training -------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ class Family:
         config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
         with tempfile.TemporaryDirectory() as tmp:
             self.pipeline_class.save_lora_weights(tmp, **{
-                f"{self.denoiser_folder}_lora_layers": get_peft_model_state_dict(denoiser),
+                f"{self.denoiser_folder}_lora_layers": {k: v.detach().cpu() for k, v in get_peft_model_state_dict(denoiser).items()},
                 f"{self.denoiser_folder}_lora_adapter_metadata": config,
             })
             return (Path(tmp) / "pytorch_lora_weights.safetensors").read_bytes()

@@ -24,11 +24,11 @@ class Sana(Family):
     lora_targets = ["to_k", "to_q", "to_v"]
     default_max_length = 300
 
-    def load_text_encoder(self, model_dir, settings):
+    def load_text_encoder(self, model_dir, settings, device):
         tokenizer = AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
         tokenizer.padding_side = "right"  # Sana's encode_prompt forces right padding
         encoder = AutoModel.from_pretrained(model_dir, subfolder="text_encoder", dtype=DTYPES[settings.dtype])
-        return tokenizer, encoder.eval()
+        return tokenizer, encoder.to(device).eval()
 
     def encode(self, text_encoder, prompts, settings):
         tokenizer, encoder = text_encoder
@@ -44,19 +44,19 @@ class Sana(Family):
         tokens = tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
                            add_special_tokens=True, return_tensors="pt")
         with torch.no_grad():
-            embeds = encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
-        return [{"prompt_embeds": e[keep], "prompt_attention_mask": m[keep]}
+            embeds = encoder(tokens.input_ids.to(encoder.device), attention_mask=tokens.attention_mask.to(encoder.device))[0]
+        return [{"prompt_embeds": e[keep].cpu(), "prompt_attention_mask": m[keep]}
                 for e, m in zip(embeds, tokens.attention_mask)]
 
     def null_embedding(self, text_encoder, settings):
         return self.encode(text_encoder, [""], settings.model_copy(update={"instruction": None}))[0]
 
-    def load_vae(self, model_dir):
-        return AutoencoderDC.from_pretrained(model_dir, subfolder="vae").eval()
+    def load_vae(self, model_dir, device):
+        return AutoencoderDC.from_pretrained(model_dir, subfolder="vae").to(device).eval()
 
     def encode_images(self, vae, pixels):
         with torch.no_grad():
-            return vae.encode(pixels).latent * vae.config.scaling_factor
+            return vae.encode(pixels.to(vae.device, vae.dtype)).latent.cpu() * vae.config.scaling_factor
 
     def load_denoiser(self, model_dir):
         return SanaTransformer2DModel.from_pretrained(model_dir, subfolder="transformer")
@@ -67,8 +67,9 @@ class Sana(Family):
         return {"shift": float(config.get("flow_shift") or config.get("shift") or 1.0)}
 
     def training_loss(self, denoiser, schedule, latents, cond, generator):
-        noise = torch.randn(latents.shape, generator=generator)
-        u = torch.rand((latents.shape[0],), generator=generator)
+        # Random draws come from the CPU generator (its state is checkpointed), then move.
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+        u = torch.rand((latents.shape[0],), generator=generator).to(latents.device)
         shift = schedule["shift"]
         sigma = shift * u / (1 + (shift - 1) * u)
         s = sigma.view(-1, 1, 1, 1)

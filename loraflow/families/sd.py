@@ -28,10 +28,10 @@ class StableDiffusion(Family):
     lora_targets = ["to_k", "to_q", "to_v", "to_out.0"]
     default_max_length = 77
 
-    def load_text_encoder(self, model_dir, settings):
+    def load_text_encoder(self, model_dir, settings, device):
         tokenizer = AutoTokenizer.from_pretrained(model_dir, subfolder="tokenizer")
         encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder", dtype=DTYPES[settings.dtype])
-        return tokenizer, encoder.eval()
+        return tokenizer, encoder.to(device).eval()
 
     def encode(self, text_encoder, prompts, settings):
         tokenizer, encoder = text_encoder
@@ -40,15 +40,15 @@ class StableDiffusion(Family):
         ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                         return_tensors="pt").input_ids
         with torch.no_grad():
-            embeds = encoder(ids)[0]
-        return [{"prompt_embeds": e} for e in embeds]
+            embeds = encoder(ids.to(encoder.device))[0]
+        return [{"prompt_embeds": e.cpu()} for e in embeds]
 
-    def load_vae(self, model_dir):
-        return AutoencoderKL.from_pretrained(model_dir, subfolder="vae").eval()
+    def load_vae(self, model_dir, device):
+        return AutoencoderKL.from_pretrained(model_dir, subfolder="vae").to(device).eval()
 
     def encode_images(self, vae, pixels):
         with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.mode()
+            latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode().cpu()
         shift = vae.config.shift_factor or 0.0
         return (latents - shift) * vae.config.scaling_factor
 
@@ -59,8 +59,10 @@ class StableDiffusion(Family):
         return DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
 
     def training_loss(self, denoiser, schedule, latents, cond, generator):
-        noise = torch.randn(latents.shape, generator=generator)
+        # Random draws come from the CPU generator (its state is checkpointed), then move.
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
         t = torch.randint(0, schedule.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+        t = t.to(latents.device)
         noisy = schedule.add_noise(latents, noise, t)
         if schedule.config.prediction_type == "v_prediction":
             target = schedule.get_velocity(latents, noise, t)
