@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Section(BaseModel):
@@ -76,6 +76,15 @@ class RunConfig(_Section):
     sample: SampleConfig = Field(default_factory=lambda: SampleConfig(prompts=DEMO_PROMPTS))
     store: str = "./loraflow-store"
     storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _checkpoints_exist(self) -> "RunConfig":
+        for step in self.sample.checkpoints:
+            if step % self.train.checkpoint_every or not 0 < step <= self.train.steps:
+                raise ValueError(
+                    f"sample.checkpoints: step {step} is not a checkpoint (train.checkpoint_every is "
+                    f"{self.train.checkpoint_every}, train.steps {self.train.steps})")
+        return self
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "RunConfig":

@@ -12,8 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
-import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from loraflow.builtin import builtin_path
@@ -179,3 +180,21 @@ def test_caption_dropout_always_gets_the_null_embedding(baseline, tmp_path):
     report, states = run(type(baseline[1]).model_validate(cfg))
     assert states == {"captions": C, "null": R, "latents": C, "train": R}
     assert row(report, "null").computed == 1
+
+
+@SD
+def test_intermediate_checkpoint_sampled(baseline, tmp_path):
+    root, cfg = fork(baseline, tmp_path)
+    cfg["sample"]["checkpoints"] = [3]
+    report, states = run(type(baseline[1]).model_validate(cfg))
+    assert states == expect(sample=R)
+    assert (row(report, "sample").computed, row(report, "sample").reused) == (2, 2)
+    steps = sorted(int(Image.open(u).text["step"]) for u in report.samples)
+    assert steps == [3, 3, 6, 6]
+    by_step = {(Image.open(u).text["prompt"], Image.open(u).text["step"]): np.asarray(Image.open(u)) for u in report.samples}
+    assert not np.array_equal(by_step["a red circle", "3"], by_step["a red circle", "6"])
+
+
+def test_sample_checkpoint_must_exist(tmp_path):
+    with pytest.raises(ValueError, match="sample.checkpoints: step 4 is not a checkpoint"):
+        small_config(tmp_path / "store", tmp_path, sample={"checkpoints": [4]})
