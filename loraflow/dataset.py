@@ -103,21 +103,29 @@ def read_image(url: str) -> bytes:
         return f.read()
 
 
-def to_pixels(data: bytes, resolution: int, center_crop: bool, flip: bool = False) -> torch.Tensor:
-    """Image bytes -> (3, R, R) float tensor in [-1, 1]: resize the short side, crop, maybe mirror."""
+def to_pixels(data: bytes, resolution: int, center_crop: bool, flip: bool = False) -> tuple[torch.Tensor, dict]:
+    """Image bytes -> (3, R, R) float tensor in [-1, 1] (resize the short side, crop, maybe mirror),
+    and how it was cut: `original_size` (h, w) and `crop_top_left` (top, left) in resized pixels, as
+    SDXL-style micro-conditioning reads them (stored with every latent)."""
     img = Image.open(io.BytesIO(data)).convert("RGB")
-    w, h = img.size
+    original_size = (img.height, img.width)
+    top = left = 0
     if center_crop:
-        scale = resolution / min(w, h)
-        img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+        scale = resolution / min(img.size)
+        img = img.resize((max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))),
+                         Image.BICUBIC)
         left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+        width = img.width
         img = img.crop((left, top, left + resolution, top + resolution))
+        if flip:
+            left = width - left - resolution
     else:
         img = img.resize((resolution, resolution), Image.BICUBIC)
     if flip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    pixels = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return pixels, {"original_size": torch.tensor(original_size), "crop_top_left": torch.tensor((top, left))}
 
 
 def read_sample_prompts(cfg: SampleConfig) -> list[str]:

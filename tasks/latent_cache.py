@@ -40,10 +40,12 @@ def build_latent_cache(images: list[ImageItem], family: str, vae: Component, res
             data = read_image(image.url)
             if sha256_bytes(data) != image.sha256:
                 raise DatasetError(f"dataset: {image.url} changed while the run was reading it")
-            tensors = {"latent": fam.encode_images(model, to_pixels(data, resolution, center_crop)[None])[0]}
+            pixels, tensors = to_pixels(data, resolution, center_crop)
+            tensors["latent"] = fam.encode_images(model, pixels[None])[0]
             if flip:
-                mirrored = to_pixels(data, resolution, center_crop, flip=True)[None]
-                tensors["latent_flipped"] = fam.encode_images(model, mirrored)[0]
+                mirrored, cut = to_pixels(data, resolution, center_crop, flip=True)
+                tensors["latent_flipped"] = fam.encode_images(model, mirrored[None])[0]
+                tensors["crop_top_left_flipped"] = cut["crop_top_left"]
             items[image.sha256] = store.put_tensors("latents", key, tensors, metadata={"image": image.name})
     logger.info("%d latent(s) encoded, %d reused", len(todo), len(items) - len(todo))
     return Latents(items=items, computed=len(todo), reused=len(items) - len(todo))

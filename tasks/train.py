@@ -66,7 +66,8 @@ def train(family: str, denoiser: Component, examples: list[Example], null: NullE
     model.train()
     for step in range(start, hp.steps):
         batch = torch.randperm(len(examples), generator=generator)[: hp.batch_size].tolist()
-        x = torch.stack([pick_latent(latents[i], generator) for i in batch]).to(device)
+        picked = [pick_latent(latents[i], generator) for i in batch]
+        x = {name: torch.stack([p[name] for p in picked]).to(device) for name in picked[0]}
         cond = {name: torch.stack([captions[i][name] for i in batch]) for name in captions[0]}
         if null_cond is not None:
             drop = torch.rand(len(batch), generator=generator) < hp.caption_dropout
@@ -84,10 +85,12 @@ def train(family: str, denoiser: Component, examples: list[Example], null: NullE
     return Weights(method=hp.method, final_step=hp.steps, steps=steps, computed=hp.steps - start, reused=start)
 
 
-def pick_latent(item: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+def pick_latent(item: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The latent and how its image was cut; the mirrored variant half the time when cached."""
+    picked = {"latent": item["latent"], "original_size": item["original_size"], "crop_top_left": item["crop_top_left"]}
     if "latent_flipped" in item and torch.rand((), generator=generator) < 0.5:
-        return item["latent_flipped"]
-    return item["latent"]
+        picked |= {"latent": item["latent_flipped"], "crop_top_left": item["crop_top_left_flipped"]}
+    return picked
 
 
 def checkpoint_key(run_key: str, step: int) -> str:

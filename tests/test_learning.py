@@ -37,7 +37,7 @@ def test_samples_take_the_colour_their_prompt_names(tmp_path):
     vae = AutoencoderKL.from_pretrained(builtin_path("tiny-sd"), subfolder="vae")
     reference = {}
     for colour in COLOURS:
-        pixels = torch.stack([to_pixels(p.read_bytes(), 32, True) for p in sorted(Path(data).glob(f"{colour}_*.png"))])
+        pixels = torch.stack([to_pixels(p.read_bytes(), 32, True)[0] for p in sorted(Path(data).glob(f"{colour}_*.png"))])
         with torch.no_grad():
             decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample.clamp(-1, 1)
         reference[colour] = chroma(((decoded + 1) * 127.5).mean((0, 2, 3)).numpy())

@@ -66,8 +66,9 @@ class Family:
     def load_noise_schedule(self, model_dir: str) -> Any:
         raise NotImplementedError
 
-    def training_loss(self, denoiser: torch.nn.Module, schedule: Any, latents: torch.Tensor,
+    def training_loss(self, denoiser: torch.nn.Module, schedule: Any, batch: dict[str, torch.Tensor],
                       cond: Cond, generator: torch.Generator) -> torch.Tensor:
+        """batch: "latent" (B, C, h, w), "original_size" and "crop_top_left" (B, 2) as cached."""
         raise NotImplementedError
 
     def add_lora(self, denoiser: torch.nn.Module, rank: int, alpha: float) -> None:

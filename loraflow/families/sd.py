@@ -58,7 +58,8 @@ class StableDiffusion(Family):
     def load_noise_schedule(self, model_dir):
         return DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
 
-    def training_loss(self, denoiser, schedule, latents, cond, generator):
+    def training_loss(self, denoiser, schedule, batch, cond, generator):
+        latents = batch["latent"]
         # Random draws come from the CPU generator (its state is checkpointed), then move.
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
         t = torch.randint(0, schedule.config.num_train_timesteps, (latents.shape[0],), generator=generator)
