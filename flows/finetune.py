@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from loraflow.config import RunConfig
@@ -48,4 +49,6 @@ def finetune(cfg: RunConfig = RunConfig()) -> Report:
 
     store.write_atomic(f"reports/{report.flow_run_id}.json", report.model_dump_json(indent=2).encode())
     logger.info("run report:\n%s", report.table())
+    create_markdown_artifact(key="loraflow-run-report", markdown=report.markdown(),
+                             description="loraflow: per-task cache state, items computed and reused")
     return report

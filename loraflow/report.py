@@ -21,6 +21,10 @@ class TaskRow(BaseModel):
     computed: int
     reused: int
 
+    @property
+    def label(self) -> str:
+        return f"{self.task}[{self.role}]" if self.role else self.task
+
 
 class Report(BaseModel):
     flow_run_id: str
@@ -32,11 +36,17 @@ class Report(BaseModel):
     def table(self) -> str:
         lines = [f"{'task':34} {'state':10} {'computed':>8} {'reused':>7} {'seconds':>8}  key"]
         for r in self.tasks:
-            name = f"{r.task}[{r.role}]" if r.role else r.task
-            lines.append(f"{name:34} {r.state:10} {r.computed:8d} {r.reused:7d} {r.seconds:8.2f}  {r.cache_key[:12]}")
+            lines.append(f"{r.label:34} {r.state:10} {r.computed:8d} {r.reused:7d} {r.seconds:8.2f}  {r.cache_key[:12]}")
         lines.append(f"weights: {self.weights}")
         lines.append(f"samples: {len(self.samples)} image(s) in {self.store}")
         return "\n".join(lines)
+
+    def markdown(self) -> str:
+        rows = ["| task | state | computed | reused | seconds | cache key |", "|---|---|---|---|---|---|"]
+        for r in self.tasks:
+            rows.append(f"| {r.label} | {r.state} | {r.computed} | {r.reused} | {r.seconds:.2f} | `{r.cache_key[:12]}` |")
+        rows += ["", f"weights: `{self.weights}`", "", f"samples: {len(self.samples)} image(s) in `{self.store}`"]
+        return "\n".join(rows)
 
 
 class StageRunner:

@@ -52,5 +52,5 @@ def task_states(flow_run_id) -> dict[str, str]:
 
 def row(report: Report, stage: str):
     name = {v: k for k, v in TASK_RUN_NAMES.items()}[stage]
-    (match,) = [r for r in report.tasks if (f"{r.task}[{r.role}]" if r.role else r.task) == name]
+    (match,) = [r for r in report.tasks if r.label == name]
     return match
