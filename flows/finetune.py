@@ -30,14 +30,15 @@ def finetune(cfg: RunConfig = RunConfig()) -> Report:
     run = StageRunner(store, report)
     text = dict(family=model.family, text_encoder=model.text_encoder, settings=cfg.encoder, store=store)
 
-    captions = run(encode_prompts, role="captions", prompts=[i.caption for i in images], **text)
+    # Lists go to tasks in content order, so renaming or reordering files changes no cache key.
+    captions = run(encode_prompts, role="captions", prompts=sorted({i.caption for i in images}), **text)
     prompts = run(encode_prompts, role="sample prompts", prompts=sample_prompts, **text) if sample_prompts else None
     null = run(null_embedding, **text) if sample_prompts or cfg.train.caption_dropout > 0 else None
-    latents = run(build_latent_cache, images=images, family=model.family, vae=model.vae,
+    latents = run(build_latent_cache, images=sorted(images, key=lambda i: i.sha256), family=model.family, vae=model.vae,
                   resolution=cfg.dataset.resolution, center_crop=cfg.dataset.center_crop,
                   flip=cfg.dataset.flip, store=store)
-    examples = [Example(image=i.name, latent=latents.items[i.sha256], caption=captions.items[i.caption])
-                for i in images]
+    examples = sorted((Example(image=i.name, latent=latents.items[i.sha256], caption=captions.items[i.caption])
+                       for i in images), key=lambda e: (e.latent.key, e.caption.key))  # by content, not name
     weights = run(train, family=model.family, denoiser=model.denoiser, examples=examples,
                   null=null if cfg.train.caption_dropout > 0 else None, hp=cfg.train, store=store)
     report.weights = store.url_of(weights.final.path)

@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     # Prefect's embedded server needs more than its default 20 s to start on a small machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import yaml
     from pydantic import ValidationError
 
     from flows.finetune import finetune
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig()
-    except (OSError, ValidationError, ValueError) as exc:
+    except (OSError, ValidationError, ValueError, yaml.YAMLError) as exc:
         print(f"loraflow: bad config {args.config}: {exc}", file=sys.stderr)
         return 2
     state = finetune(cfg, return_state=True)

@@ -64,7 +64,7 @@ def load_dataset(cfg: DatasetConfig) -> list[ImageItem]:
             txt = name.rsplit(".", 1)[0] + ".txt"
             if txt not in names:
                 raise DatasetError(f"dataset: {url} has no caption file {txt}")
-            caption = fs.cat_file(f"{root}/{txt}").decode("utf-8").strip()
+            caption = _text(fs.cat_file(f"{root}/{txt}"), f"{source.rstrip('/')}/{txt}").strip()
         data = fs.cat_file(f"{root}/{name}")
         check_image(data, url)
         items.append(ImageItem(name=name, url=url, sha256=sha256_bytes(data), caption=caption))
@@ -75,15 +75,26 @@ def load_dataset(cfg: DatasetConfig) -> list[ImageItem]:
 
 def _jsonl_captions(fs, path: str, source: str) -> dict[str, str]:
     captions = {}
-    for n, line in enumerate(fs.cat_file(path).decode("utf-8").splitlines(), 1):
+    where = f"{source.rstrip('/')}/metadata.jsonl"
+    for n, line in enumerate(_text(fs.cat_file(path), where).splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            captions[row["file_name"]] = str(row.get("text", row.get("caption")))
-        except (ValueError, KeyError) as exc:
-            raise DatasetError(f"dataset: {source}/metadata.jsonl line {n}: {exc}") from exc
+        except ValueError as exc:
+            raise DatasetError(f"dataset: {where} line {n} is not JSON: {exc}") from exc
+        caption = row.get("text", row.get("caption")) if isinstance(row, dict) else None
+        if not isinstance(caption, str) or "file_name" not in row:
+            raise DatasetError(f'dataset: {where} line {n} needs "file_name" and a "text" (or "caption") string')
+        captions[row["file_name"]] = caption
     return captions
+
+
+def _text(data: bytes, url: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"dataset: {url} is not UTF-8 text ({exc})") from exc
 
 
 def check_image(data: bytes, url: str) -> None:

@@ -2,8 +2,8 @@
 
 A component is a set of folders of a diffusers model (e.g. `text_encoder` + `tokenizer`). Its
 fingerprint hashes every file's name and bytes. Hashing a multi-GB checkpoint on every run would
-be slow, so per-file digests are remembered in a small JSON cache keyed by (path, size, mtime):
-an unchanged file is never re-read.
+be slow, so per-file digests are remembered in a small JSON cache keyed by (path, size, mtime,
+ctime, inode): an unchanged file is never re-read.
 """
 
 from __future__ import annotations
@@ -38,14 +38,19 @@ def _save_cache(cache: dict[str, str]) -> None:
 
 def file_digest(path: Path, cache: dict[str, str]) -> str:
     st = path.stat()
-    stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    # ctime and inode too: `cp -p`, `rsync -t` or `tar` can restore an old mtime, never an old ctime.
+    stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
     if stamp not in cache:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        cache[stamp] = h.hexdigest()
+        cache[stamp] = hash_file(path)
     return cache[stamp]
+
+
+def hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def fingerprint_folders(root: Path, folders: list[str]) -> str:

@@ -48,9 +48,12 @@ class Latents(Manifest):
 class Example(BaseModel):
     """One training pair, joined by item, never by position in a shuffled loader."""
 
-    image: str
+    image: str  # file name, for messages only
     latent: ObjectRef
     caption: ObjectRef
+
+    def cache_token(self) -> dict:
+        return {"latent": self.latent, "caption": self.caption}  # renaming a file changes nothing
 
 
 class Weights(Manifest):

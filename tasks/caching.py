@@ -8,16 +8,19 @@ never locations), plus the task name and `loraflow.CACHE_VERSION`.
 A cache record is only as good as the artifacts it points to. Before Prefect looks a key up, the
 policy reads the record (Prefect's records live in the artifact store, `records/<key>`) and, if
 any object its manifest names is missing or corrupt, deletes it: the task then runs, reuses every
-intact item and recomputes the rest, and its downstream keys stay the same.
+intact item and recomputes the rest, and its downstream keys stay the same. A record that is not a
+plain JSON manifest of the task's return type is deleted unread, so nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_type_hints
 
 from prefect.cache_policies import CachePolicy
 from prefect.logging import get_logger
+from prefect.serializers import JSONSerializer
 
 from loraflow import CACHE_VERSION
 from loraflow.hashing import content_key
@@ -39,19 +42,36 @@ class ContentKey(CachePolicy):
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str:
         key = self.key_for(task_ctx.task.name, inputs)
-        drop_if_stale(task_ctx.result_store, key, inputs["store"])
+        drop_if_stale(task_ctx.task, key, inputs["store"])
         return key
 
 
-def drop_if_stale(result_store, key: str, store: Store) -> None:
+# What `result_serializer="json"` writes. A record naming anything else (pickle, another decoder)
+# is never handed to Prefect: deserializing it could run code.
+RECORD_SERIALIZER = JSONSerializer().model_dump()
+
+
+def drop_if_stale(task, key: str, store: Store) -> None:
+    """Delete the record at `key` unless it is a plain JSON manifest whose objects are all intact."""
+    path = f"records/{key}"
     try:
-        if not result_store.exists(key):
-            return
-        manifest = result_store.read(key).result
-        broken = [ref.path for ref in manifest.refs() if not store.intact(ref)]
-    except Exception as exc:  # unreadable record, or not a manifest: not worth keeping
-        broken = [f"the record itself ({exc})"]
-    if broken:
-        logger.warning("cache record %s names %d missing or corrupt artifact(s), e.g. %s; recomputing",
-                       key[:12], len(broken), broken[0])
-        store.delete(f"records/{key}")
+        raw = store.fs.cat_file(store.abs(path))
+    except FileNotFoundError:
+        return
+    manifest_type = get_type_hints(task.fn)["return"]
+    try:
+        record = json.loads(raw)
+        payload = json.loads(record["result"])
+        if record["metadata"]["serializer"] != RECORD_SERIALIZER:
+            problem = "it was not written by loraflow's JSON serializer"
+        elif payload.get("__class__") != f"{manifest_type.__module__}.{manifest_type.__qualname__}":
+            problem = f"it holds a {payload.get('__class__')}, not a {manifest_type.__name__}"
+        else:
+            manifest = manifest_type.model_validate(payload["data"])
+            broken = [ref.path for ref in manifest.refs() if not store.intact(ref)]
+            problem = f"{len(broken)} artifact(s) are missing or corrupt, e.g. {broken[0]}" if broken else None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # not JSON, or not shaped like a record
+        problem = f"it is unreadable ({exc})"
+    if problem:
+        logger.warning("dropping cache record %s of %s: %s; the task runs again", key[:12], task.name, problem)
+        store.delete(path)

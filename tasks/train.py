@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import torch
-from accelerate import Accelerator
+from accelerate import PartialState
 from prefect import get_run_logger, task
 from safetensors.torch import load as load_safetensors
 
@@ -32,8 +32,10 @@ CACHE_KEY = ContentKey("family", "denoiser", "examples", "null", "hp")
 def train(family: str, denoiser: Component, examples: list[Example], null: NullEmbedding | None,
           hp: TrainConfig, store: Store) -> Weights:
     logger = get_run_logger()
-    # Checkpoints live under this run's cache key: a re-run with the same key resumes from them.
-    run_key = CACHE_KEY.key_for("train", dict(family=family, denoiser=denoiser, examples=examples, null=null, hp=hp))
+    # Checkpoints live under the training inputs minus the run length and checkpoint spacing: a re-run
+    # with the same inputs, or one asked to train longer, resumes from them.
+    same_run = hp.model_copy(update={"steps": 0, "checkpoint_every": 1})
+    run_key = CACHE_KEY.key_for("train", dict(family=family, denoiser=denoiser, examples=examples, null=null, hp=same_run))
     fam = get_family(family)
 
     # Data: everything comes from the store by the refs upstream handed us.
@@ -43,12 +45,14 @@ def train(family: str, denoiser: Component, examples: list[Example], null: NullE
         raise ValueError("train.caption_dropout > 0 needs the null embedding")
     null_cond = store.read_tensors(null.embedding) if hp.caption_dropout > 0 else None
 
-    # Model and optimizer.
+    # Model and optimizer, on accelerate's pick of device (a GPU when there is one).
+    device = PartialState().device
     torch.manual_seed(hp.seed)
     model = fam.load_denoiser(denoiser.path)
     if hp.method == "lora":
         model.requires_grad_(False)
         fam.add_lora(model, hp.rank, hp.alpha)
+    model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=hp.learning_rate)
     schedule = fam.load_noise_schedule(denoiser.path)
@@ -59,11 +63,8 @@ def train(family: str, denoiser: Component, examples: list[Example], null: NullE
     if start:
         logger.info("resuming from step %d (checkpoint %s)", start, checkpoint_key(run_key, start)[:12])
 
-    # accelerate places the model and batches on the GPU when there is one, and runs mixed precision.
-    accelerator = Accelerator(mixed_precision=hp.mixed_precision)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    device = accelerator.device
     model.train()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=hp.mixed_precision == "bf16")
     for step in range(start, hp.steps):
         batch = torch.randperm(len(examples), generator=generator)[: hp.batch_size].tolist()
         picked = [pick_latent(latents[i], generator) for i in batch]
@@ -73,14 +74,16 @@ def train(family: str, denoiser: Component, examples: list[Example], null: NullE
             drop = torch.rand(len(batch), generator=generator) < hp.caption_dropout
             for name, value in cond.items():
                 value[drop] = null_cond[name]
-        cond = {name: value.to(device) for name, value in cond.items()}
-        loss = fam.training_loss(model, schedule, x, cond, generator)
+        cond = {name: value.to(device, torch.float32) if value.is_floating_point() else value.to(device)
+                for name, value in cond.items()}  # embeddings may be stored in bf16/fp16
+        with autocast:
+            loss = fam.training_loss(model, schedule, x, cond, generator)
         optimizer.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
+        loss.backward()
         optimizer.step()
         done = step + 1
         if done % hp.checkpoint_every == 0 or done == hp.steps:
-            steps[done] = save_checkpoint(store, run_key, done, hp, fam, accelerator.unwrap_model(model), optimizer, generator)
+            steps[done] = save_checkpoint(store, run_key, done, hp, fam, model, optimizer, generator)
             logger.info("step %d/%d loss %.4f: checkpoint stored", done, hp.steps, loss.item())
     return Weights(method=hp.method, final_step=hp.steps, steps=steps, computed=hp.steps - start, reused=start)
 
@@ -110,7 +113,7 @@ def save_checkpoint(store, run_key, step, hp, fam, model, optimizer, generator):
 
 def resume(store, run_key, hp, fam, model, optimizer, generator, steps) -> int:
     """Load the latest step whose weights and checkpoint are both intact; return it (0 if none)."""
-    saved = [s for s in range(hp.checkpoint_every, hp.steps + 1, hp.checkpoint_every)]
+    saved = sorted({*range(hp.checkpoint_every, hp.steps + 1, hp.checkpoint_every), hp.steps})
     found = {}
     for step in saved:
         key = checkpoint_key(run_key, step)

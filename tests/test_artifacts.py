@@ -87,3 +87,31 @@ def same_content(a: bytes, b: bytes) -> bool:
         x, y = load(a), load(b)
         return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
     return a == b
+
+
+def test_planted_pickle_record_is_dropped_unread(baseline, tmp_path):
+    """A cache record that names the pickle serializer is deleted, never deserialized."""
+    import base64
+    import json
+    import pickle
+
+    root, cfg, first = baseline
+    shutil.copytree(root / "store", tmp_path / "store")
+    cfg = cfg.model_copy(update={"store": str(tmp_path / "store")})
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (null_row,) = [r for r in first.tasks if r.task == "null-embedding"]
+    record = tmp_path / "store" / "records" / null_row.cache_key
+    planted = json.loads(record.read_text())
+    planted["metadata"]["serializer"] = {"type": "pickle", "picklelib": "pickle", "picklelib_version": None}
+    planted["result"] = base64.b64encode(pickle.dumps(Payload())).decode()
+    record.write_text(json.dumps(planted))
+
+    _, states = run(cfg)
+    assert not marker.exists()
+    assert states == {s: (R if s == "null" else C) for s in STAGES}
+    assert json.loads(record.read_text())["metadata"]["serializer"]["type"] == "json"

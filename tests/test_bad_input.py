@@ -58,6 +58,31 @@ def test_image_without_caption(workspace):
     fails_cleanly(cfg, workspace, "blue_circle_0.png", "blue_circle_0.txt")
 
 
+def test_caption_not_utf8(workspace):
+    (workspace / "data" / "blue_circle_0.txt").write_bytes(b"a blue \xff circle")
+    cfg = small_config(workspace / "store", workspace / "data")
+    fails_cleanly(cfg, workspace, "blue_circle_0.txt", "UTF-8")
+
+
+@pytest.mark.parametrize("line", ['{"file_name": "red_circle_0.png"}', '["red_circle_0.png", "a red circle"]', "{oops"])
+def test_bad_metadata_line(workspace, line):
+    (workspace / "data" / "metadata.jsonl").write_text(line + "\n")
+    cfg = small_config(workspace / "store", workspace / "data")
+    fails_cleanly(cfg, workspace, "metadata.jsonl line 1")
+
+
+def test_cli_bad_yaml_names_the_file(workspace):
+    import subprocess
+    import sys
+
+    bad = workspace / "run.yaml"
+    bad.write_text("train: {steps: [unclosed\n")
+    done = subprocess.run([sys.executable, "-m", "loraflow.cli", "run", "--config", str(bad)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert str(bad) in done.stderr and "Traceback" not in done.stderr
+
+
 def test_imagefolder_without_caption(workspace):
     (workspace / "data" / "metadata.jsonl").write_text('{"file_name": "red_circle_0.png", "text": "a red circle"}\n')
     cfg = small_config(workspace / "store", workspace / "data")

@@ -198,3 +198,29 @@ def test_intermediate_checkpoint_sampled(baseline, tmp_path):
 def test_sample_checkpoint_must_exist(tmp_path):
     with pytest.raises(ValueError, match="sample.checkpoints: step 4 is not a checkpoint"):
         small_config(tmp_path / "store", tmp_path, sample={"checkpoints": [4]})
+
+
+@SD
+def test_image_renamed_changes_nothing(baseline, tmp_path):
+    root, cfg = fork(baseline, tmp_path)
+    (root / "data" / "red_circle_0.png").rename(root / "data" / "zz_renamed.png")
+    (root / "data" / "red_circle_0.txt").rename(root / "data" / "zz_renamed.txt")
+    _, states = run(type(baseline[1]).model_validate(cfg))
+    assert states == expect()
+
+
+@SD
+def test_training_longer_resumes_from_the_shorter_run(baseline, tmp_path):
+    root, cfg = fork(baseline, tmp_path)
+    cfg["train"]["steps"] = 9
+    report, states = run(type(baseline[1]).model_validate(cfg))
+    assert states == expect(train=R, sample=R)
+    assert (row(report, "train").reused, row(report, "train").computed) == (6, 3)
+
+
+@SD
+def test_encoder_dtype_changed(baseline, tmp_path):
+    root, cfg = fork(baseline, tmp_path)
+    cfg["encoder"]["dtype"] = "bfloat16"
+    _, states = run(type(baseline[1]).model_validate(cfg))
+    assert states == expect(captions=R, prompts=R, null=R, train=R, sample=R)

@@ -7,6 +7,7 @@ import shutil
 
 from safetensors.torch import load_file, save_file
 
+from loraflow import fingerprint
 from loraflow.builtin import builtin_path
 from loraflow.config import ModelConfig
 from loraflow.models import resolve_model
@@ -31,15 +32,21 @@ def test_fingerprints_follow_content_not_location(tmp_path):
     assert changed.vae.fingerprint == original.vae.fingerprint
 
 
-def test_unchanged_files_are_not_rehashed(tmp_path):
-    """The fast path trusts (path, size, mtime): a same-size rewrite with the old mtime goes unseen."""
+def test_unchanged_files_are_not_rehashed(tmp_path, monkeypatch):
     shutil.copytree(builtin_path("tiny-sd"), tmp_path / "copy")
     first = resolve_model(ModelConfig(source=str(tmp_path / "copy")))
+    hashed = []
+    real_hash = fingerprint.hash_file
+    monkeypatch.setattr(fingerprint, "hash_file", lambda path: hashed.append(path.name) or real_hash(path))
+
+    assert resolve_model(ModelConfig(source=str(tmp_path / "copy"))) == first
+    assert hashed == []  # nothing re-read
+
     config = tmp_path / "copy" / "vae" / "config.json"
     stat = config.stat()
     original = config.read_bytes()
     config.write_bytes(original[:-1] + (b" " if original[-1:] != b" " else b"\n"))  # same size
-    os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert resolve_model(ModelConfig(source=str(tmp_path / "copy"))).vae.fingerprint == first.vae.fingerprint
-    os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # touched: hashed again
-    assert resolve_model(ModelConfig(source=str(tmp_path / "copy"))).vae.fingerprint != first.vae.fingerprint
+    os.utime(config, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the old mtime, as `cp -p` would
+    changed = resolve_model(ModelConfig(source=str(tmp_path / "copy")))
+    assert hashed == ["config.json"]  # the ctime gave it away
+    assert changed.vae.fingerprint != first.vae.fingerprint
