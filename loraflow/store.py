@@ -127,18 +127,9 @@ class Store:
         self.fs.pipe_file(tmp, data)
         self.fs.mv(tmp, final)
 
-    def exists(self, rel: str) -> bool:
-        return self.fs.exists(self.abs(rel))
-
     def delete(self, rel: str) -> None:
         if self.fs.exists(self.abs(rel)):
             self.fs.rm(self.abs(rel), recursive=True)
-
-    def listdir(self, rel: str) -> list[str]:
-        try:
-            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.abs(rel), detail=False))
-        except FileNotFoundError:
-            return []
 
     # --- Prefect's cache records live here too --------------------------------------------------
     def prefect_result_storage(self):
