@@ -74,7 +74,7 @@ def main() -> None:
     print(f"\nfingerprint of a {args.weights_mb} MB weight file")
     print("| pass | seconds | × first pass |\n|---|---|---|")
     print(f"| first (reads and hashes) | {full:.3f} | 1.00 |")
-    print(f"| again (unchanged size and mtime) | {fast:.4f} | {fast / full:.4f} |")
+    print(f"| again (unchanged stat: size, mtime, ctime, inode) | {fast:.4f} | {fast / full:.4f} |")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     from loraflow.config import RunConfig
 
     try:
-        cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig()
+        cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig.demo()
     except (OSError, ValidationError, ValueError, yaml.YAMLError) as exc:
         print(f"loraflow: bad config {args.config}: {exc}", file=sys.stderr)
         return 2

@@ -87,6 +87,15 @@ class RunConfig(_Section):
         return self
 
     @classmethod
+    def demo(cls) -> "RunConfig":
+        """The no-config demo: long enough on the tiny model for samples to take their prompt's colour."""
+        return cls.model_validate({
+            "encoder": {"max_length": 16},
+            "train": {"method": "full", "steps": 600, "checkpoint_every": 200, "batch_size": 8},
+            "sample": {"prompts": DEMO_PROMPTS, "steps": 20, "guidance_scale": 5.0, "checkpoints": [200]},
+        })
+
+    @classmethod
     def from_yaml(cls, path: str | Path) -> "RunConfig":
         text = Path(path).read_text()
         return cls.model_validate(yaml.safe_load(text) or {})
