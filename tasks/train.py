@@ -58,8 +58,7 @@ def train(family: str, denoiser: Component, examples: list[Example], null: NullE
     schedule = fam.load_noise_schedule(denoiser.path)
     generator = torch.Generator().manual_seed(hp.seed)
 
-    steps: dict[int, object] = {}
-    start = resume(store, run_key, hp, fam, model, optimizer, generator, steps)
+    start, steps = resume(store, run_key, hp, fam, model, optimizer, generator)
     if start:
         logger.info("resuming from step %d (checkpoint %s)", start, checkpoint_key(run_key, start)[:12])
 
@@ -111,8 +110,10 @@ def save_checkpoint(store, run_key, step, hp, fam, model, optimizer, generator):
     return weights
 
 
-def resume(store, run_key, hp, fam, model, optimizer, generator, steps) -> int:
-    """Load the latest step whose weights and checkpoint are both intact; return it (0 if none)."""
+def resume(store, run_key, hp, fam, model, optimizer, generator) -> tuple[int, dict]:
+    """Load the latest step whose weights and checkpoint are both intact (and every one before it).
+
+    Returns that step (0 if none) and the stored weights of every step up to it."""
     saved = sorted({*range(hp.checkpoint_every, hp.steps + 1, hp.checkpoint_every), hp.steps})
     found = {}
     for step in saved:
@@ -122,7 +123,7 @@ def resume(store, run_key, hp, fam, model, optimizer, generator, steps) -> int:
             break
         found[step] = (weights, ckpt)
     if not found:
-        return 0
+        return 0, {}
     step = max(found)
     weights, ckpt = found[step]
     import_weights(fam, model, hp.method, store.read(weights))
@@ -135,6 +136,5 @@ def resume(store, run_key, hp, fam, model, optimizer, generator, steps) -> int:
             state["state"].setdefault(int(index), {})[field] = value
     optimizer.load_state_dict(state)
     generator.set_state(tensors["rng"])
-    steps.update({s: w for s, (w, _) in found.items()})
-    return step
+    return step, {s: w for s, (w, _) in found.items()}
 
