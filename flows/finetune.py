@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 
 from loraflow.config import RunConfig
 from loraflow.dataset import load_dataset, read_sample_prompts
 from loraflow.manifests import Example
 from loraflow.models import resolve_model
+from loraflow.remote import storage_options
 from loraflow.report import Report, StageRunner
 from loraflow.store import Store
 from tasks import build_latent_cache, encode_prompts, null_embedding, sample, train
@@ -18,11 +21,13 @@ from tasks import build_latent_cache, encode_prompts, null_embedding, sample, tr
 @flow(name="finetune")
 def finetune(cfg: RunConfig = RunConfig()) -> Report:
     logger = get_run_logger()
+    cfg = with_deployment_defaults(cfg)
     # Inputs are read and checked once, before any task runs: a bad file fails the run here.
-    store = Store(cfg.store, cfg.storage_options)
-    model = resolve_model(cfg.model)
-    images = load_dataset(cfg.dataset)
-    sample_prompts = read_sample_prompts(cfg.sample)
+    options = storage_options(cfg.storage_options, cfg.storage_secret)
+    store = Store(cfg.store, options)
+    model = resolve_model(cfg.model, options)
+    images = load_dataset(cfg.dataset, options)
+    sample_prompts = read_sample_prompts(cfg.sample, options)
     if not sample_prompts:
         logger.warning("no sample prompts: the run trains but makes no samples")
 
@@ -53,3 +58,24 @@ def finetune(cfg: RunConfig = RunConfig()) -> Report:
     create_markdown_artifact(key="loraflow-run-report", markdown=report.markdown(),
                              description="loraflow: per-task cache state, items computed and reused")
     return report
+
+
+def with_deployment_defaults(cfg: RunConfig) -> RunConfig:
+    """Under a deployment, the config fields a run does not set keep the deployment's values.
+
+    Prefect merges run parameters into a deployment's at the top level only, so
+    `--param cfg='{"train": {"steps": 50}}'` would otherwise reset every other field to its
+    default. Pydantic remembers which fields were given; those override the deployment's config.
+    """
+    defaults = deployment.parameters.get("cfg") if deployment.id else None
+    if not defaults:
+        return cfg
+    return RunConfig.model_validate(_merge(defaults, cfg.model_dump(exclude_unset=True)))
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for name, value in override.items():
+        both_dicts = isinstance(value, dict) and isinstance(base.get(name), dict)
+        merged[name] = _merge(base[name], value) if both_dicts else value
+    return merged

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
 
 class _Section(BaseModel):
@@ -74,8 +74,19 @@ class RunConfig(_Section):
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=lambda: SampleConfig(prompts=DEMO_PROMPTS))
-    store: str = "./loraflow-store"
+    store: str = "./loraflow-store"  # any fsspec URL: a folder, s3://bucket/prefix, memory://...
+    # fsspec options for every remote URL in this config (store, dataset, model, prompts file), e.g.
+    # {"endpoint_url": ...}. Credentials are better left to the environment (AWS_ACCESS_KEY_ID, ...)
+    # or to `storage_secret`; any given here are masked wherever the config is shown.
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    # Name of a Prefect Secret block whose JSON object is merged into storage_options at run time.
+    storage_secret: str | None = None
+
+    @field_serializer("storage_options", when_used="json")
+    def _masked(self, options: dict[str, Any]) -> dict[str, str]:
+        # JSON is how Prefect records flow-run parameters (and how the UI shows them): values never
+        # leave the process, only the option names do.
+        return {name: "**********" for name in options}
 
     @model_validator(mode="after")
     def _checkpoints_exist(self) -> "RunConfig":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -20,6 +21,7 @@ from pydantic import BaseModel
 
 from loraflow.builtin import BUILTIN_PREFIX, cache_root
 from loraflow.config import DatasetConfig, SampleConfig
+from loraflow.digests import digests, remote_stamp
 from loraflow.hashing import sha256_bytes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -39,38 +41,61 @@ class ImageItem(BaseModel):
         return self.sha256
 
 
-def load_dataset(cfg: DatasetConfig) -> list[ImageItem]:
+def load_dataset(cfg: DatasetConfig, storage_options: dict[str, Any] | None = None) -> list[ImageItem]:
+    """Every image with its caption and sha256, checked before any task runs.
+
+    An image whose listing stamp (size + ETag or mtime) was hashed and checked before is not read
+    again, so re-scanning an unchanged remote dataset costs one listing plus the caption files.
+    """
     source = cfg.source
     if source.startswith(BUILTIN_PREFIX):
         source = builtin_dataset(source[len(BUILTIN_PREFIX):])
+    base = source.rstrip("/")
     try:
-        fs, root = url_to_fs(source)
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+        fs, root = url_to_fs(source, **(storage_options or {}))
+        listing = {info["name"].rstrip("/").rsplit("/", 1)[-1]: info for info in fs.ls(root, detail=True)
+                   if info.get("type") != "directory"}
     except Exception as exc:
-        raise DatasetError(f"dataset.source: cannot list {source!r}: {exc}") from exc
+        raise DatasetError(f"dataset.source: cannot list {source!r}: {type(exc).__name__}: {exc}") from exc
     root = root.rstrip("/")
-    if "metadata.jsonl" in names:
-        captions = _jsonl_captions(fs, f"{root}/metadata.jsonl", source)
-    else:
-        captions = None
-    items = []
-    for name in sorted(n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)):
-        url = f"{source.rstrip('/')}/{name}"
-        if captions is not None:
-            if name not in captions:
-                raise DatasetError(f"dataset: {url} has no caption in metadata.jsonl")
-            caption = captions[name]
-        else:
-            txt = name.rsplit(".", 1)[0] + ".txt"
-            if txt not in names:
-                raise DatasetError(f"dataset: {url} has no caption file {txt}")
-            caption = _text(fs.cat_file(f"{root}/{txt}"), f"{source.rstrip('/')}/{txt}").strip()
-        data = fs.cat_file(f"{root}/{name}")
-        check_image(data, url)
-        items.append(ImageItem(name=name, url=url, sha256=sha256_bytes(data), caption=caption))
-    if not items:
+    names = sorted(n for n in listing if n.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
         raise DatasetError(f"dataset.source: no images ({', '.join(IMAGE_EXTENSIONS)}) in {source!r}")
-    return items
+    if "metadata.jsonl" in listing:
+        captions = _jsonl_captions(fs, f"{root}/metadata.jsonl", source)
+        for name in names:
+            if name not in captions:
+                raise DatasetError(f"dataset: {base}/{name} has no caption in metadata.jsonl")
+    else:
+        txts = {name: name.rsplit(".", 1)[0] + ".txt" for name in names}
+        for name, txt in txts.items():
+            if txt not in listing:
+                raise DatasetError(f"dataset: {base}/{name} has no caption file {txt}")
+        texts = _cat(fs, [f"{root}/{txt}" for txt in txts.values()])  # concurrent on object stores
+        captions = {name: _text(texts[f"{root}/{txt}"], f"{base}/{txt}").strip() for name, txt in txts.items()}
+
+    known = digests()
+    stamps = {name: remote_stamp(f"{base}/{name}", listing[name]) for name in names}
+    shas = {name: known.get(_checked(stamps[name])) for name in names}
+    unread = [name for name in names if shas[name] is None]
+    if unread:
+        data = _cat(fs, [f"{root}/{name}" for name in unread])
+        for name in unread:
+            check_image(data[f"{root}/{name}"], f"{base}/{name}")
+            shas[name] = sha256_bytes(data[f"{root}/{name}"])
+            known.put(_checked(stamps[name]), shas[name])
+    return [ImageItem(name=n, url=f"{base}/{n}", sha256=shas[n], caption=captions[n]) for n in names]
+
+
+def _cat(fs, paths: list[str]) -> dict[str, bytes]:
+    """The bytes of many files, fetched concurrently where the filesystem can, keyed as given."""
+    fetched = fs.cat(paths)
+    return {path: fetched[fs._strip_protocol(path)] for path in paths}
+
+
+def _checked(stamp: str | None) -> str | None:
+    # Its own namespace: this digest also vouches that the bytes are a readable image.
+    return f"image:{stamp}" if stamp else None
 
 
 def _jsonl_captions(fs, path: str, source: str) -> dict[str, str]:
@@ -109,8 +134,8 @@ def check_image(data: bytes, url: str) -> None:
         raise DatasetError(f"dataset: {url} is not a readable image ({exc})") from exc
 
 
-def read_image(url: str) -> bytes:
-    with fsspec.open(url, "rb") as f:
+def read_image(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    with fsspec.open(url, "rb", **(storage_options or {})) as f:
         return f.read()
 
 
@@ -139,13 +164,13 @@ def to_pixels(data: bytes, resolution: int, center_crop: bool, flip: bool = Fals
     return pixels, {"original_size": torch.tensor(original_size), "crop_top_left": torch.tensor((top, left))}
 
 
-def read_sample_prompts(cfg: SampleConfig) -> list[str]:
+def read_sample_prompts(cfg: SampleConfig, storage_options: dict[str, Any] | None = None) -> list[str]:
     """Sample prompts, read once: inline, or one per line from a file (blank lines and # skipped)."""
     if cfg.prompts is not None:
         prompts = cfg.prompts
     elif cfg.prompts_file:
         try:
-            with fsspec.open(cfg.prompts_file, "rt", encoding="utf-8") as f:
+            with fsspec.open(cfg.prompts_file, "rt", encoding="utf-8", **(storage_options or {})) as f:
                 prompts = f.read().splitlines()
         except Exception as exc:
             raise DatasetError(f"sample.prompts_file: cannot read {cfg.prompts_file!r}: {exc}") from exc

@@ -1,12 +1,14 @@
 """Resolve a model source to a local diffusers folder and fingerprint its components.
 
-Built-in tiny models, local folders and hub ids all end up as a local folder loaded with
-`from_pretrained`, so the tiny models exercise the same code path as a real checkpoint.
+Built-in tiny models, local folders, remote folders (any fsspec URL, mirrored locally) and hub ids
+all end up as a local folder loaded with `from_pretrained`, so the tiny models exercise the same
+code path as a real checkpoint.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -14,6 +16,7 @@ from loraflow.builtin import BUILTIN_PREFIX, builtin_path
 from loraflow.config import ModelConfig
 from loraflow.families import get_family
 from loraflow.fingerprint import fingerprint_folders
+from loraflow.remote import is_remote, mirror_folder
 
 
 class Component(BaseModel):
@@ -33,10 +36,18 @@ class ModelRef(BaseModel):
     denoiser: Component
 
 
-def local_folder(cfg: ModelConfig) -> Path:
+def local_folder(cfg: ModelConfig, storage_options: dict[str, Any] | None = None) -> Path:
     source = cfg.source
     if source.startswith(BUILTIN_PREFIX):
         return builtin_path(source[len(BUILTIN_PREFIX):])
+    if is_remote(source):
+        try:
+            path = mirror_folder(source, storage_options or {})
+        except Exception as exc:
+            raise ValueError(f"model.source: cannot read {source!r}: {type(exc).__name__}: {exc}") from exc
+        if not (path / "model_index.json").is_file():
+            raise ValueError(f"model.source: {source!r} is not a diffusers model folder (no model_index.json)")
+        return path
     path = Path(source).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
@@ -52,9 +63,9 @@ def local_folder(cfg: ModelConfig) -> Path:
         raise ValueError(f"model.source: cannot get {source!r} from the hub: {exc}") from exc
 
 
-def resolve_model(cfg: ModelConfig) -> ModelRef:
+def resolve_model(cfg: ModelConfig, storage_options: dict[str, Any] | None = None) -> ModelRef:
     family = get_family(cfg.family)
-    root = local_folder(cfg)
+    root = local_folder(cfg, storage_options)
     for folder in (*family.text_folders, *family.vae_folders, *family.denoiser_folders):
         if not (root / folder).is_dir():
             raise ValueError(f"model.source: {root} has no {folder}/ folder, needed by family {family.name!r}")

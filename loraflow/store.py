@@ -9,7 +9,9 @@ Three concepts, as in git:
 Writes go to a temporary name and are moved into place, so a reader never sees half a file and
 an interrupted write leaves nothing that counts as present. Every read re-hashes the bytes: a
 missing, truncated or altered object is a miss (`ArtifactMissing`), never a crash or a None.
-Tensors are safetensors; nothing here ever unpickles.
+Checking that a manifest's objects are intact (`broken`) lists them and re-reads only objects
+whose stamp (size + ETag or mtime) was never verified before. Tensors are safetensors; nothing
+here ever unpickles. Prefect's cache records live in the store too (`StoreRecords`).
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import torch
 from fsspec.core import url_to_fs
-from pydantic import BaseModel
+from prefect.filesystems import WritableFileSystem
+from pydantic import BaseModel, PrivateAttr
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from loraflow.digests import digests, remote_stamp
 from loraflow.hashing import sha256_bytes
 
 
@@ -57,10 +60,9 @@ class Store:
         try:
             self.fs, self.root = url_to_fs(self.url, **self.storage_options)
             self.fs.makedirs(self.root, exist_ok=True)
-        except Exception as exc:  # bad protocol, missing package, unreachable, no permission
-            raise StoreError(f"store: cannot open {url!r}: {exc}") from exc
+        except Exception as exc:  # bad protocol, missing package, unreachable, no bucket, no permission
+            raise StoreError(f"store: cannot open {url!r}: {type(exc).__name__}: {exc}") from exc
         self.root = self.root.rstrip("/")
-        self.is_local = "file" in _protocols(self.fs)
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -104,11 +106,34 @@ class Store:
         return data
 
     def intact(self, ref: ObjectRef) -> bool:
-        try:
-            self.read(ref)
-            return True
-        except ArtifactMissing:
-            return False
+        return not self.broken([ref])
+
+    def broken(self, refs: list[ObjectRef]) -> list[ObjectRef]:
+        """The refs whose object is missing or does not match its checksum.
+
+        One listing per object kind; an object is read and re-hashed only if this version of it
+        (its stamp) has not been verified before on this machine.
+        """
+        listing: dict[str, dict] = {}
+        for kind in sorted({ref.path.split("/")[1] for ref in refs}):
+            found = self.fs.find(self.abs(f"objects/{kind}"), detail=True)
+            listing.update({self.fs._strip_protocol(path): info for path, info in found.items()})
+        known = digests()
+        bad = []
+        for ref in refs:
+            info = listing.get(self.fs._strip_protocol(self.abs(ref.path)))
+            if info is None:
+                bad.append(ref)
+                continue
+            stamp = remote_stamp(self.url_of(ref.path), info)
+            if known.get(stamp) == ref.sha256:
+                continue
+            try:
+                self.read(ref)
+                known.put(stamp, ref.sha256)
+            except ArtifactMissing:
+                bad.append(ref)
+        return bad
 
     def put_tensors(self, kind: str, key: str, tensors: dict[str, torch.Tensor],
                     metadata: dict[str, str] | None = None) -> ObjectRef:
@@ -132,20 +157,45 @@ class Store:
             self.fs.rm(self.abs(rel), recursive=True)
 
     # --- Prefect's cache records live here too --------------------------------------------------
-    def prefect_result_storage(self):
-        """Result storage for Prefect's cache records, inside this store (`records/`).
+    def prefect_result_storage(self) -> "StoreRecords":
+        """Result storage for Prefect's cache records: `records/<key>` in this store.
 
-        A local store is a plain Path (Prefect wraps it in LocalFileSystem); a remote one is a
-        RemoteFileSystem block, saved under a name derived from the URL because Prefect only
-        accepts saved blocks as task result storage.
+        Prefect only accepts result storage saved as a block on its server. The saved block holds
+        the store URL and nothing else; the credentials stay in this process.
         """
-        if self.is_local:
-            return Path(self.abs("records"))
-        from prefect.filesystems import RemoteFileSystem
+        records = StoreRecords(url=self.url)
+        records.save("loraflow-records-" + sha256_bytes(self.url.encode())[:16], overwrite=True)
+        records._store = self
+        return records
 
-        name = "loraflow-records-" + sha256_bytes(self.url.encode())[:16]
-        RemoteFileSystem(basepath=self.url_of("records"), settings=self.storage_options).save(name, overwrite=True)
-        return f"remote-file-system/{name}"
+
+class StoreRecords(WritableFileSystem):
+    """Prefect result storage over a loraflow `Store`: records written whole (temporary name, then
+    moved), so a concurrent reader never sees half a record."""
+
+    _block_type_name = "loraflow store records"
+    url: str
+    _store: Store | None = PrivateAttr(None)
+
+    def _records(self) -> Store:
+        if self._store is None:  # loaded from the server elsewhere: credentials from the environment
+            self._store = Store(self.url)
+        return self._store
+
+    # Prefect calls the sync methods with `_sync=True`, and the async ones from async code.
+    def read_path(self, path: str, _sync: bool = True) -> bytes:
+        store = self._records()
+        return store.fs.cat_file(store.abs(f"records/{path}"))
+
+    def write_path(self, path: str, content: bytes, _sync: bool = True) -> str:
+        self._records().write_atomic(f"records/{path}", content)
+        return path
+
+    async def aread_path(self, path: str) -> bytes:
+        return self.read_path(path)
+
+    async def awrite_path(self, path: str, content: bytes) -> str:
+        return self.write_path(path, content)
 
 
 def safetensors_metadata(data: bytes) -> dict[str, str]:
@@ -153,7 +203,3 @@ def safetensors_metadata(data: bytes) -> dict[str, str]:
     header_len = int.from_bytes(data[:8], "little")
     return json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
 
-
-def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
-    proto = fs.protocol
-    return (proto,) if isinstance(proto, str) else tuple(proto)

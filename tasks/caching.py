@@ -5,6 +5,9 @@ pydantic model's class path), so it misses across runs or hits on stale files. `
 only the inputs a task names, through `loraflow.hashing` (fingerprints, checksums and settings,
 never locations), plus the task name and `loraflow.CACHE_VERSION`.
 
+Both are SERIALIZABLE: a run that reaches a stage another run is computing with the same key waits
+for it (a leased lock, see `loraflow.locks`) and then ends `Cached` with its result.
+
 A cache record is only as good as the artifacts it points to. Before Prefect looks a key up, the
 policy reads the record (Prefect's records live in the artifact store, `records/<key>`) and, if
 any object its manifest names is missing or corrupt, deletes it: the task then runs, reuses every
@@ -15,6 +18,7 @@ plain JSON manifest of the task's return type is deleted unread, so nothing is e
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any, get_type_hints
 
@@ -23,10 +27,15 @@ from prefect.logging import get_logger
 from prefect.serializers import JSONSerializer
 
 from loraflow import CACHE_VERSION
+from loraflow.builtin import cache_root
 from loraflow.hashing import content_key
+from loraflow.locks import DEFAULT_LEASE_SECONDS, LeasedFileSystemLockManager
 from loraflow.store import Store
 
 logger = get_logger("loraflow.cache")
+
+LOCKS = LeasedFileSystemLockManager(
+    cache_root() / "locks", float(os.environ.get("LORAFLOW_LOCK_LEASE_SECONDS", DEFAULT_LEASE_SECONDS)))
 
 
 @dataclass
@@ -34,7 +43,7 @@ class ContentKey(CachePolicy):
     inputs: tuple[str, ...] = ()
 
     def __init__(self, *inputs: str):
-        super().__init__()
+        super().__init__(isolation_level="SERIALIZABLE", lock_manager=LOCKS)
         self.inputs = inputs
 
     def key_for(self, task_name: str, inputs: dict[str, Any]) -> str:
@@ -68,7 +77,7 @@ def drop_if_stale(task, key: str, store: Store) -> None:
             problem = f"it holds a {payload.get('__class__')}, not a {manifest_type.__name__}"
         else:
             manifest = manifest_type.model_validate(payload["data"])
-            broken = [ref.path for ref in manifest.refs() if not store.intact(ref)]
+            broken = [ref.path for ref in store.broken(manifest.refs())]
             problem = f"{len(broken)} artifact(s) are missing or corrupt, e.g. {broken[0]}" if broken else None
     except (ValueError, KeyError, TypeError, AttributeError) as exc:  # not JSON, or not shaped like a record
         problem = f"it is unreadable ({exc})"

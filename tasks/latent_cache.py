@@ -37,7 +37,7 @@ def build_latent_cache(images: list[ImageItem], family: str, vae: Component, res
         fam = get_family(family)
         model = fam.load_vae(vae.path, PartialState().device)
         for image, key in todo:  # one at a time: an object's bytes depend on its key alone
-            data = read_image(image.url)
+            data = read_image(image.url, store.storage_options)
             if sha256_bytes(data) != image.sha256:
                 raise DatasetError(f"dataset: {image.url} changed while the run was reading it")
             pixels, tensors = to_pixels(data, resolution, center_crop)

@@ -7,7 +7,7 @@ import shutil
 
 from safetensors.torch import load_file, save_file
 
-from loraflow import fingerprint
+from loraflow import digests
 from loraflow.builtin import builtin_path
 from loraflow.config import ModelConfig
 from loraflow.models import resolve_model
@@ -36,8 +36,8 @@ def test_unchanged_files_are_not_rehashed(tmp_path, monkeypatch):
     shutil.copytree(builtin_path("tiny-sd"), tmp_path / "copy")
     first = resolve_model(ModelConfig(source=str(tmp_path / "copy")))
     hashed = []
-    real_hash = fingerprint.hash_file
-    monkeypatch.setattr(fingerprint, "hash_file", lambda path: hashed.append(path.name) or real_hash(path))
+    real_hash = digests.hash_file
+    monkeypatch.setattr(digests, "hash_file", lambda path: hashed.append(path.name) or real_hash(path))
 
     assert resolve_model(ModelConfig(source=str(tmp_path / "copy"))) == first
     assert hashed == []  # nothing re-read

@@ -1,0 +1,86 @@
+"""Leased locks for Prefect's SERIALIZABLE cache transactions.
+
+Two runs that reach the same stage with the same cache key must compute it once: the second waits
+for the first's lock, then finds its cache record and ends `Cached`. Prefect's
+`FileSystemLockManager` takes locks with no expiry, so a run killed while holding one (OOM,
+preemption, SIGKILL) would make every later run wait forever.
+
+Here every lock is a lease: it expires `lease_seconds` after it was last renewed, and a thread in
+the holding process renews it every third of that while the process lives. A killed holder stops
+renewing, and its lock is free at most one lease later. Lock files live on the local disk, so this
+serialises runs on one machine (or on a shared filesystem); runs on different hosts that share an
+object-store cache need a shared lock manager such as prefect-redis's `RedisLockManager`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pydantic_core
+from prefect.locking.filesystem import FileSystemLockManager
+from prefect.types._datetime import now
+
+DEFAULT_LEASE_SECONDS = 60.0
+
+
+class LeasedFileSystemLockManager(FileSystemLockManager):
+    def __init__(self, lock_files_directory: Path, lease_seconds: float = DEFAULT_LEASE_SECONDS):
+        super().__init__(lock_files_directory)
+        self.lease_seconds = lease_seconds
+        self._held: dict[str, str] = {}  # key -> holder, for locks this process holds
+        self._mutex = threading.Lock()
+        self._renewer: threading.Thread | None = None
+
+    def acquire_lock(self, key, holder, acquire_timeout=None, hold_timeout=None) -> bool:
+        acquired = super().acquire_lock(key, holder, acquire_timeout, hold_timeout or self.lease_seconds)
+        if acquired:
+            self._hold(key, holder)
+        return acquired
+
+    async def aacquire_lock(self, key, holder, acquire_timeout=None, hold_timeout=None) -> bool:
+        acquired = await super().aacquire_lock(key, holder, acquire_timeout, hold_timeout or self.lease_seconds)
+        if acquired:
+            self._hold(key, holder)
+        return acquired
+
+    def release_lock(self, key, holder) -> None:
+        with self._mutex:
+            self._held.pop(key, None)
+        super().release_lock(key, holder)
+
+    def _hold(self, key: str, holder: str) -> None:
+        with self._mutex:
+            self._held[key] = holder
+            if self._renewer is None or not self._renewer.is_alive():
+                self._renewer = threading.Thread(target=self._renew_forever, name="loraflow-lock-lease", daemon=True)
+                self._renewer.start()
+
+    def _renew_forever(self) -> None:
+        while True:
+            time.sleep(self.lease_seconds / 3)
+            with self._mutex:
+                held = dict(self._held)
+            for key, holder in held.items():
+                self._renew(key, holder)
+
+    def _renew(self, key: str, holder: str) -> None:
+        """Push the lock's expiry one lease ahead, written whole so a waiter never reads half of it."""
+        path = self._lock_path_for_key(key)
+        expiration = now("UTC") + timedelta(seconds=self.lease_seconds)
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}")
+        with self._mutex:
+            try:
+                current = pydantic_core.from_json(path.read_bytes())
+            except (OSError, ValueError):
+                return
+            if self._held.get(key) != holder or current.get("holder") != holder:
+                return  # released, or lapsed and taken by another run: not ours to extend
+            tmp.write_bytes(pydantic_core.to_json({"holder": holder, "expiration": str(expiration)}))
+            os.replace(tmp, path)
+            if key in self._locks:
+                self._locks[key]["expiration"] = expiration
