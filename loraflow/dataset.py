@@ -53,6 +53,7 @@ def load_dataset(cfg: DatasetConfig, storage_options: dict[str, Any] | None = No
     base = source.rstrip("/")
     try:
         fs, root = url_to_fs(source, **(storage_options or {}))
+        fs.invalidate_cache(root)  # a long-lived process must see images added since its last listing
         listing = {info["name"].rstrip("/").rsplit("/", 1)[-1]: info for info in fs.ls(root, detail=True)
                    if info.get("type") != "directory"}
     except Exception as exc:

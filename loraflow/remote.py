@@ -52,6 +52,7 @@ def mirror_folder(url: str, options: dict[str, Any]) -> Path:
     """
     fs, root = url_to_fs(url, **options)
     root = root.rstrip("/")
+    fs.invalidate_cache(root)
     listing = {path: info for path, info in fs.find(root, detail=True).items() if info.get("type") != "directory"}
     if not listing:
         raise FileNotFoundError(f"{url} is empty or does not exist")

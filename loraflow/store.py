@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fsspec.asyn import AsyncFileSystem
 from fsspec.core import url_to_fs
 from prefect.filesystems import WritableFileSystem
 from pydantic import BaseModel, PrivateAttr
@@ -57,12 +58,20 @@ class Store:
             url = str(Path(url).expanduser().resolve())
         self.url = url.rstrip("/")
         self.storage_options = storage_options or {}
+        bucket = None
         try:
             self.fs, self.root = url_to_fs(self.url, **self.storage_options)
-            self.fs.makedirs(self.root, exist_ok=True)
-        except Exception as exc:  # bad protocol, missing package, unreachable, no bucket, no permission
+            self.root = self.root.rstrip("/")
+            if isinstance(self.fs, AsyncFileSystem):  # an object store: a mistyped bucket must not be created
+                bucket = self.root.split("/", 1)[0]
+                if not self.fs.info(bucket):
+                    raise FileNotFoundError(bucket)
+            else:
+                self.fs.makedirs(self.root, exist_ok=True)
+        except FileNotFoundError:
+            raise StoreError(f"store: {url!r}: bucket {bucket!r} does not exist") from None
+        except Exception as exc:  # bad protocol, missing package, unreachable, no permission
             raise StoreError(f"store: cannot open {url!r}: {type(exc).__name__}: {exc}") from exc
-        self.root = self.root.rstrip("/")
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -116,6 +125,7 @@ class Store:
         """
         listing: dict[str, dict] = {}
         for kind in sorted({ref.path.split("/")[1] for ref in refs}):
+            self.fs.invalidate_cache(self.abs(f"objects/{kind}"))  # other runs may have written since
             found = self.fs.find(self.abs(f"objects/{kind}"), detail=True)
             listing.update({self.fs._strip_protocol(path): info for path, info in found.items()})
         known = digests()
