@@ -6,6 +6,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.orchestration import get_client
 from prefect.runtime import deployment, flow_run
 
 from loraflow.config import RunConfig
@@ -67,7 +68,10 @@ def with_deployment_defaults(cfg: RunConfig) -> RunConfig:
     `--param cfg='{"train": {"steps": 50}}'` would otherwise reset every other field to its
     default. Pydantic remembers which fields were given; those override the deployment's config.
     """
-    defaults = deployment.parameters.get("cfg") if deployment.id else None
+    if not deployment.id:
+        return cfg
+    with get_client(sync_client=True) as client:
+        defaults = client.read_deployment(deployment.id).parameters.get("cfg")
     if not defaults:
         return cfg
     return RunConfig.model_validate(_merge(defaults, cfg.model_dump(exclude_unset=True)))
