@@ -37,16 +37,43 @@ class LeasedFileSystemLockManager(FileSystemLockManager):
         self._renewer: threading.Thread | None = None
 
     def acquire_lock(self, key, holder, acquire_timeout=None, hold_timeout=None) -> bool:
-        acquired = super().acquire_lock(key, holder, acquire_timeout, hold_timeout or self.lease_seconds)
-        if acquired:
+        """Take the lock, waiting for another holder's lease to end. The lock file appears with its
+        content in one step (hard link of a complete file), so a waiter never reads half of it."""
+        self._ensure_lock_files_directory_exists()
+        path = self._lock_path_for_key(key)
+        while True:
+            if self.is_locked(key) and not self.is_lock_holder(key, holder):
+                if not self.wait_for_lock(key, acquire_timeout):
+                    return False
+            expiration = now("UTC") + timedelta(seconds=hold_timeout or self.lease_seconds)
+            tmp = self._write_temporary(path, holder, expiration)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                if not self.is_lock_holder(key, holder):
+                    continue  # another run took it first: wait for it
+                os.replace(tmp, path)  # ours already: extend it
+            finally:
+                tmp.unlink(missing_ok=True)
+            self._locks[key] = {"holder": holder, "expiration": expiration, "path": path}
             self._hold(key, holder)
-        return acquired
+            return True
+
+    def is_locked(self, key, use_cache=False) -> bool:
+        try:
+            return super().is_locked(key, use_cache)
+        except FileNotFoundError:  # an expired lock another waiter removed first
+            self._locks.pop(key, None)
+            return False
 
     async def aacquire_lock(self, key, holder, acquire_timeout=None, hold_timeout=None) -> bool:
-        acquired = await super().aacquire_lock(key, holder, acquire_timeout, hold_timeout or self.lease_seconds)
-        if acquired:
-            self._hold(key, holder)
-        return acquired
+        return self.acquire_lock(key, holder, acquire_timeout, hold_timeout)
+
+    @staticmethod
+    def _write_temporary(path: Path, holder: str, expiration) -> Path:
+        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}")
+        tmp.write_bytes(pydantic_core.to_json({"holder": holder, "expiration": str(expiration)}))
+        return tmp
 
     def release_lock(self, key, holder) -> None:
         with self._mutex:
@@ -69,10 +96,8 @@ class LeasedFileSystemLockManager(FileSystemLockManager):
                 self._renew(key, holder)
 
     def _renew(self, key: str, holder: str) -> None:
-        """Push the lock's expiry one lease ahead, written whole so a waiter never reads half of it."""
+        """Push the lock's expiry one lease ahead, if it is still this holder's."""
         path = self._lock_path_for_key(key)
-        expiration = now("UTC") + timedelta(seconds=self.lease_seconds)
-        tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}")
         with self._mutex:
             try:
                 current = pydantic_core.from_json(path.read_bytes())
@@ -80,7 +105,7 @@ class LeasedFileSystemLockManager(FileSystemLockManager):
                 return
             if self._held.get(key) != holder or current.get("holder") != holder:
                 return  # released, or lapsed and taken by another run: not ours to extend
-            tmp.write_bytes(pydantic_core.to_json({"holder": holder, "expiration": str(expiration)}))
-            os.replace(tmp, path)
+            expiration = now("UTC") + timedelta(seconds=self.lease_seconds)
+            os.replace(self._write_temporary(path, holder, expiration), path)
             if key in self._locks:
                 self._locks[key]["expiration"] = expiration

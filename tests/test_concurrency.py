@@ -1,0 +1,76 @@
+"""Two runs at once compute each stage once; a lock left by a killed run expires."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+from prefect.settings import PREFECT_API_URL
+
+from tests.helpers import small_config, task_states
+
+STAGES = ["captions", "prompts", "null", "latents", "train", "sample"]
+
+
+def start_cli(config, tmp_path, name: str, **env_extra: str) -> subprocess.Popen:
+    """`loraflow run` in its own process, against the session's Prefect server."""
+    (tmp_path / f"{name}.yaml").write_text(json.dumps(config.model_dump()))
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), **env_extra}
+    return subprocess.Popen(
+        [sys.executable, "-m", "loraflow.cli", "run", "--config", str(tmp_path / f"{name}.yaml"),
+         "--report", str(tmp_path / f"{name}.json")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def test_two_runs_started_together_compute_each_stage_once(shapes, tmp_path):
+    cfg = small_config(tmp_path / "store", shapes, train={"steps": 30, "checkpoint_every": 10})
+    runs = [start_cli(cfg, tmp_path, name) for name in ("a", "b")]
+    for proc in runs:
+        finish(proc)
+    reports = [json.loads((tmp_path / f"{name}.json").read_text()) for name in ("a", "b")]
+    both = [task_states(r["flow_run_id"]) for r in reports]
+    for stage in STAGES:  # Prefect's own task-run states, read from the server
+        assert sorted(states[stage] for states in both) == ["Cached", "Completed"], stage
+    computed = Counter()
+    for r in reports:
+        for row in r["tasks"]:
+            computed[row["task"], row["role"]] += row["computed"]
+    images = len(list(shapes.glob("*.png")))
+    assert computed["build-latent-cache", None] == images  # each latent encoded once, in all
+    captions = {p.read_text().strip() for p in shapes.glob("*.txt")}
+    assert computed["encode-prompts", "captions"] == len(captions)
+
+
+def test_lock_of_a_killed_run_expires(shapes, tmp_path):
+    """A run SIGKILLed while training holds the train stage's lock. The next run waits at most
+    one lease for it, then trains (resuming from the killed run's checkpoint)."""
+    lease = "3"
+    cfg = small_config(tmp_path / "store", shapes, train={"steps": 400, "checkpoint_every": 10})
+    first = start_cli(cfg, tmp_path, "killed", LORAFLOW_LOCK_LEASE_SECONDS=lease)
+    checkpoints = tmp_path / "store" / "objects" / "checkpoints"
+    deadline = time.monotonic() + 600
+    while not any(checkpoints.rglob("*.sha256")):  # training has started and holds its lock
+        assert first.poll() is None and time.monotonic() < deadline, "the first run never reached training"
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    lock_dir = os.environ["LORAFLOW_HOME"] + "/locks"
+    held = [json.loads(open(os.path.join(lock_dir, f)).read()) for f in os.listdir(lock_dir) if f.endswith(".lock")]
+    assert held and all(lock["expiration"] for lock in held)  # left behind, with an expiry
+
+    second = start_cli(cfg, tmp_path, "next", LORAFLOW_LOCK_LEASE_SECONDS=lease)
+    out = finish(second)
+    assert "resuming from step" in out
+    states = task_states(json.loads((tmp_path / "next.json").read_text())["flow_run_id"])
+    assert states["train"] == "Completed"
