@@ -70,6 +70,9 @@ class Store:
                 self.fs.makedirs(self.root, exist_ok=True)
         except FileNotFoundError:
             raise StoreError(f"store: {url!r}: bucket {bucket!r} does not exist") from None
+        except PermissionError as exc:
+            raise StoreError(f"store: access to {url!r} denied ({exc}); check the credentials (the environment, "
+                             "storage_options or storage_secret)") from None
         except Exception as exc:  # bad protocol, missing package, unreachable, no permission
             raise StoreError(f"store: cannot open {url!r}: {type(exc).__name__}: {exc}") from exc
 
