@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_valid
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Errors name the field, never echo the input: it may hold storage credentials.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
 
 class ModelConfig(_Section):
