@@ -10,8 +10,8 @@ from __future__ import annotations
 import io
 
 import torch
-from accelerate import PartialState
 from PIL import PngImagePlugin
+from accelerate import PartialState
 from prefect import get_run_logger, task
 
 from loraflow.config import SamplerSettings
@@ -40,8 +40,9 @@ def sample(family: str, denoiser: Component, vae: Component, weights: Weights, p
     for step in steps:
         for prompt, embedding in prompts.items.items():
             for index in range(settings.images_per_prompt):
-                key = content_key("sample", family, denoiser, vae, weights.steps[step], embedding, null, settings.steps,
-                                  settings.guidance_scale, settings.guidance_embedding, settings.seed, index, resolution)
+                key = content_key("sample", family, denoiser, vae, weights.steps[step], embedding, null,
+                                  settings.steps, settings.guidance_scale, settings.seed, index, resolution,
+                                  settings.guidance_embedding)
                 ref = store.find("samples", key, "png")
                 item = SampleImage(prompt=prompt, step=step, index=index, image=ref) if ref else None
                 images.append(item)
