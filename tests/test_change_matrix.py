@@ -283,3 +283,21 @@ def stored_latents(cfg) -> list[dict[str, torch.Tensor]]:
     keys = [latent_key(model.family, model.vae, image, cfg.dataset.resolution, cfg.dataset.center_crop, cfg.dataset.flip)
             for image in load_dataset(cfg.dataset)]
     return [store.read_tensors(store.find("latents", key, "safetensors")) for key in keys]
+
+
+@pytest.mark.parametrize("baseline", ["sd3"], indirect=True)
+@pytest.mark.parametrize("setting,value", [("weighting_scheme", "mode"), ("logit_std", 0.5)])
+def test_timestep_weighting_changed(baseline, tmp_path, setting, value):
+    _, cfg = fork(baseline, tmp_path)
+    cfg["train"][setting] = value
+    _, states = run(type(baseline[1]).model_validate(cfg))
+    assert states == expect(train=R, sample=R)
+
+
+@FLUX
+def test_flux_sampling_guidance_embedding_changed(baseline, tmp_path):
+    _, cfg = fork(baseline, tmp_path)
+    cfg["sample"]["guidance_embedding"] = 5.0
+    report, states = run(type(baseline[1]).model_validate(cfg))
+    assert states == expect(sample=R)
+    assert row(report, "sample").computed == 2
