@@ -8,10 +8,7 @@ squared error is weighted per sample; all through `diffusers.training_utils`.
 from __future__ import annotations
 
 import torch
-from diffusers.training_utils import (
-    compute_density_for_timestep_sampling,
-    compute_loss_weighting_for_sd3,
-)
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
 from loraflow.config import TrainConfig
 

@@ -11,11 +11,7 @@ trainer (latents packed 2x2 into tokens, uniform timesteps by default, timestep 
 from __future__ import annotations
 
 import torch
-from diffusers import (
-    FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
-    FluxTransformer2DModel,
-)
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
 from loraflow.families.base import DTYPES, Cond, Family
 from loraflow.families.flow_matching import add_flow_noise, weighted_mse

@@ -10,12 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers import (
-    AutoencoderDC,
-    FlowMatchEulerDiscreteScheduler,
-    SanaPipeline,
-    SanaTransformer2DModel,
-)
+from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
 from transformers import AutoModel, AutoTokenizer
 
 from loraflow.families.base import DTYPES, Cond, Family

@@ -10,11 +10,7 @@ SD3 trainer (logit-normal timesteps by default, the scheduler's static shift, ta
 from __future__ import annotations
 
 import torch
-from diffusers import (
-    FlowMatchEulerDiscreteScheduler,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
-)
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
 from loraflow.families.base import DTYPES, Cond, Family
 from loraflow.families.flow_matching import add_flow_noise, weighted_mse
