@@ -3,7 +3,7 @@
 They are saved as ordinary diffusers folders and then loaded through the same code path as a real
 checkpoint (`loraflow.models`). Construction is seeded, so every machine with the same library
 versions builds byte-identical weights. Tokenizers are built from in-memory vocabularies
-(character-level CLIP, byte-fallback Gemma), so nothing is ever fetched from a hub.
+(character-level CLIP, Unigram T5, byte-fallback Gemma), so nothing is ever fetched from a hub.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 BUILTIN_PREFIX = "builtin:"
-BUILTINS = ("tiny-sd", "tiny-sana")
+BUILTINS = ("tiny-sd", "tiny-sana", "tiny-sdxl", "tiny-sd3", "tiny-flux")
 _PRINTABLE = [c for c in string.printable if not c.isspace()]
 
 
@@ -31,7 +31,8 @@ def builtin_path(name: str) -> Path:
     folder = cache_root() / "builtin" / f"{name}-v4-torch{torch_version}"
     if not (folder / "model_index.json").exists():
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        build = {"tiny-sd": build_tiny_sd, "tiny-sana": build_tiny_sana}[name]
+        build = {"tiny-sd": build_tiny_sd, "tiny-sana": build_tiny_sana, "tiny-sdxl": build_tiny_sdxl,
+                 "tiny-sd3": build_tiny_sd3, "tiny-flux": build_tiny_flux}[name]
         build().save_pretrained(tmp)
         try:
             tmp.rename(folder)
@@ -53,6 +54,37 @@ def clip_tokenizer():
     return tok
 
 
+def t5_tokenizer():
+    """Unigram T5 tokenizer: one piece per printable character, with and without the word marker."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + c, -3.0) for c in _PRINTABLE] + [(c, -4.0) for c in _PRINTABLE]
+    tok = T5Tokenizer(vocab=pieces, extra_ids=0)
+    tok.model_max_length = 512
+    return tok
+
+
+def clip_text_config(tokenizer, **overrides):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(**{
+        "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+        "projection_dim": 32, "vocab_size": len(tokenizer), "max_position_embeddings": 77,
+        "bos_token_id": 0, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+        **overrides,
+    })
+
+
+def t5_encoder(tokenizer, d_model: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(
+        d_model=d_model, d_ff=2 * d_model, d_kv=8, num_heads=4, num_layers=2, relative_attention_num_buckets=8,
+        vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    ))
+
+
 def gemma_tokenizer():
     from transformers import GemmaTokenizer
 
@@ -65,7 +97,7 @@ def gemma_tokenizer():
 
 
 def build_tiny_sd():
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
@@ -83,23 +115,32 @@ def build_tiny_sd():
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
     )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[16, 32],
-        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-        norm_num_groups=8, sample_size=32,
-    )
-    fit_autoencoder(vae)
+    vae = small_kl_vae()
     scheduler = DDPMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
         prediction_type="v_prediction", num_train_timesteps=1000, steps_offset=1,
     )
     return StableDiffusionPipeline(
-        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
+        vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
 
-def fit_autoencoder(vae, steps: int = 400, size: int = 16) -> None:
+def small_kl_vae(shift: bool = False):
+    """A tiny KL VAE (4 latent channels, 2x downsampling), fitted; SD3/Flux-style with `shift`."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[16, 32],
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        norm_num_groups=8, sample_size=32,
+        use_quant_conv=not shift, use_post_quant_conv=not shift,  # SD3 and Flux VAEs have neither
+    )
+    fit_autoencoder(vae, shift=shift)
+    return vae.eval()
+
+
+def fit_autoencoder(vae, steps: int = 400, size: int = 16, shift: bool = False) -> None:
     """Teach a random tiny VAE to round-trip colours (seconds on CPU).
 
     A randomly initialised decoder maps every latent to grey, so nothing a model learned would be
@@ -128,8 +169,11 @@ def fit_autoencoder(vae, steps: int = 400, size: int = 16) -> None:
         loss.backward()
         optimizer.step()
     with torch.no_grad():  # as for real VAEs: a scaling factor that gives latents unit variance
-        std = vae.encode(rectangles(64)).latent_dist.mode().std().item()
-    vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+        latents = vae.encode(rectangles(64)).latent_dist.mode()
+    if shift:  # SD3 / Flux: (z - shift_factor) * scaling_factor
+        vae.register_to_config(shift_factor=round(latents.mean().item(), 5))
+        latents = latents - latents.mean()
+    vae.register_to_config(scaling_factor=round(1.0 / latents.std().item(), 5))
 
 
 def build_tiny_sana():
@@ -164,4 +208,77 @@ def build_tiny_sana():
     return SanaPipeline(
         tokenizer=tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(),
         transformer=transformer.eval(), scheduler=scheduler,
+    )
+
+
+def build_tiny_sdxl():
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer()
+    text_encoder = CLIPTextModel(clip_text_config(tokenizer))
+    text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(tokenizer_2))
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=8, attention_head_dim=8, use_linear_projection=True,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,  # both CLIPs' hidden states, concatenated
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids + the pooled embedding
+    )
+    vae = small_kl_vae()
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="v_prediction",
+        num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading",
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder.eval(), text_encoder_2=text_encoder_2.eval(), tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet.eval(), scheduler=scheduler, add_watermarker=False,
+    )
+
+
+def build_tiny_sd3():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tokenizer, tokenizer_2, tokenizer_3 = clip_tokenizer(), clip_tokenizer(), t5_tokenizer()
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32,
+        joint_attention_dim=64,  # T5's width; the two CLIPs (32 + 32) are zero-padded to it
+        pooled_projection_dim=64,  # both CLIPs' pooled projections, concatenated
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=small_kl_vae(shift=True),
+        text_encoder=CLIPTextModelWithProjection(clip_text_config(tokenizer)).eval(), tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(clip_text_config(tokenizer_2)).eval(), tokenizer_2=tokenizer_2,
+        text_encoder_3=t5_encoder(tokenizer_3, d_model=64).eval(), tokenizer_3=tokenizer_3,
+    )
+
+
+def build_tiny_flux():
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16,  # 4 latent channels, packed 2x2
+        num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        guidance_embeds=True,  # as FLUX.1-dev
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's: the shift depends on the image size
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler, vae=small_kl_vae(shift=True),
+        text_encoder=CLIPTextModel(clip_text_config(tokenizer)).eval(), tokenizer=tokenizer,
+        text_encoder_2=t5_encoder(tokenizer_2, d_model=32).eval(), tokenizer_2=tokenizer_2,
+        transformer=transformer.eval(),
     )

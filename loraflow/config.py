@@ -19,8 +19,8 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    family: Literal["sd", "sana"] = "sd"
-    # "builtin:tiny-sd", "builtin:tiny-sana", a local diffusers folder, or a hub id.
+    family: Literal["sd", "sdxl", "sd3", "flux", "sana"] = "sd"
+    # "builtin:tiny-<family>", a local diffusers folder, or a hub id.
     source: str = "builtin:tiny-sd"
     revision: str | None = None
 
@@ -38,6 +38,7 @@ class EncoderConfig(_Section):
     max_length: int | None = Field(None, ge=1)  # None: the family's default
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     instruction: str | None = None  # a prefix put before every prompt (e.g. Sana's CHI)
+    t5_attention_mask: bool = False  # Flux: T5 attends to the prompt's tokens only, not its padding
 
 
 class TrainConfig(_Section):
@@ -51,11 +52,19 @@ class TrainConfig(_Section):
     caption_dropout: float = Field(0.0, ge=0, le=1)
     mixed_precision: Literal["no", "bf16"] = "no"
     seed: int = 0
+    # Flow-matching families (SD3, Flux): how training timesteps are drawn and losses weighted, as
+    # diffusers' SD3/Flux trainers do. None: the family's default (SD3 logit_normal, Flux none).
+    weighting_scheme: Literal["logit_normal", "mode", "sigma_sqrt", "cosmap", "none"] | None = None
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    guidance_embedding: float = 3.5  # fed to denoisers that embed a guidance value (FLUX.1-dev)
 
 
 class SamplerSettings(_Section):
     steps: int = Field(10, ge=1)
-    guidance_scale: float = 4.0
+    guidance_scale: float = 4.0  # classifier-free guidance through the null embedding (Flux: true CFG)
+    guidance_embedding: float = 3.5  # fed to denoisers that embed a guidance value (FLUX.1-dev)
     seed: int = 0
     images_per_prompt: int = Field(1, ge=1)
     checkpoints: list[int] = Field(default_factory=list)  # intermediate steps to sample as well

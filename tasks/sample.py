@@ -41,7 +41,8 @@ def sample(family: str, denoiser: Component, vae: Component, weights: Weights, p
         for prompt, embedding in prompts.items.items():
             for index in range(settings.images_per_prompt):
                 key = content_key("sample", family, denoiser, vae, weights.steps[step], embedding, null,
-                                  settings.steps, settings.guidance_scale, settings.seed, index, resolution)
+                                  settings.steps, settings.guidance_scale, settings.seed, index, resolution,
+                                  settings.guidance_embedding)
                 ref = store.find("samples", key, "png")
                 item = SampleImage(prompt=prompt, step=step, index=index, image=ref) if ref else None
                 images.append(item)

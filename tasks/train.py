@@ -76,7 +76,7 @@ def train(family: str, denoiser: Component, examples: list[Example], null: NullE
         cond = {name: value.to(device, torch.float32) if value.is_floating_point() else value.to(device)
                 for name, value in cond.items()}  # embeddings may be stored in bf16/fp16
         with autocast:
-            loss = fam.training_loss(model, schedule, x, cond, generator)
+            loss = fam.training_loss(model, schedule, x, cond, generator, hp)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

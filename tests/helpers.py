@@ -22,12 +22,16 @@ TASK_RUN_NAMES = {
 }
 
 
+FAMILIES = ["sd", "sdxl", "sd3", "flux", "sana"]
+T5_OR_GEMMA = ("sd3", "flux", "sana")
+
+
 def small_config(store: Path, dataset: Path, family: str = "sd", **sections) -> RunConfig:
     """A config that trains and samples in seconds on the tiny model."""
     cfg = {
         "model": {"family": family, "source": f"builtin:tiny-{family}"},
         "dataset": {"source": str(dataset), "resolution": 32},
-        "encoder": {"max_length": 16} if family == "sana" else {},
+        "encoder": {"max_length": 16} if family in T5_OR_GEMMA else {},  # CLIP families: 77
         "train": {"steps": 6, "checkpoint_every": 3, "batch_size": 4},
         "sample": {"prompts": ["a red circle", "a blue square"], "steps": 2, "guidance_scale": 3.0},
         "store": str(store),

@@ -14,16 +14,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from diffusers import UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from loraflow.builtin import builtin_path
-from loraflow.dataset import draw_shape
-from tests.helpers import STAGES, row, run, small_config
+from loraflow.dataset import draw_shape, load_dataset
+from loraflow.models import resolve_model
+from loraflow.store import Store
+from tasks.latent_cache import latent_key
+from tests.helpers import FAMILIES, STAGES, row, run, small_config
 
 C, R = "Cached", "Completed"
-BOTH = pytest.mark.parametrize("baseline", ["sd", "sana"], indirect=True)  # rows that also hold for Sana
+ALL = pytest.mark.parametrize("baseline", FAMILIES, indirect=True)  # rows that hold for every family
 SD = pytest.mark.parametrize("baseline", ["sd"], indirect=True)
+SDXL = pytest.mark.parametrize("baseline", ["sdxl"], indirect=True)
+FLUX = pytest.mark.parametrize("baseline", ["flux"], indirect=True)
 
 
 def expect(**changed: str) -> dict[str, str]:
@@ -66,7 +73,7 @@ def fork(baseline, tmp_path):
     return tmp_path, data
 
 
-@BOTH
+@ALL
 def test_nothing_changed(baseline, tmp_path):
     root, cfg = fork(baseline, tmp_path)
     report, states = run(type(baseline[1]).model_validate(cfg))
@@ -74,7 +81,7 @@ def test_nothing_changed(baseline, tmp_path):
     assert all(r.computed == 0 for r in report.tasks)
 
 
-@BOTH
+@ALL
 def test_one_sample_prompt_edited(baseline, tmp_path):
     root, cfg = fork(baseline, tmp_path)
     cfg["sample"]["prompts"] = ["a red circle", "a yellow circle on grass"]
@@ -94,7 +101,7 @@ def test_sampler_setting_changed(baseline, tmp_path, setting, value):
     assert row(report, "sample").computed == 2
 
 
-@BOTH
+@ALL
 def test_one_caption_edited(baseline, tmp_path):
     root, cfg = fork(baseline, tmp_path)
     (root / "data" / "red_circle_0.txt").write_text("a crimson circle\n")
@@ -103,7 +110,7 @@ def test_one_caption_edited(baseline, tmp_path):
     assert row(report, "captions").computed == 1
 
 
-@SD
+@ALL
 def test_one_image_added(baseline, tmp_path):
     root, cfg = fork(baseline, tmp_path)
     draw_shape("red", "square", 2).save(root / "data" / "red_square_9.png")
@@ -114,7 +121,7 @@ def test_one_image_added(baseline, tmp_path):
     assert row(report, "latents").computed == 1
 
 
-@SD
+@ALL
 def test_learning_rate_changed(baseline, tmp_path):
     root, cfg = fork(baseline, tmp_path)
     cfg["train"]["learning_rate"] = 5e-4
@@ -158,7 +165,7 @@ def test_same_store_fresh_prefect_database(baseline, tmp_path):
     }
 
 
-@SD
+@pytest.mark.parametrize("baseline", ["sd", "sdxl"], indirect=True)
 @pytest.mark.parametrize("setting,value", [("flip", True), ("center_crop", False), ("resolution", 64)])
 def test_latent_settings_changed(baseline, tmp_path, setting, value):
     root, cfg = fork(baseline, tmp_path)
@@ -224,3 +231,73 @@ def test_encoder_dtype_changed(baseline, tmp_path):
     cfg["encoder"]["dtype"] = "bfloat16"
     _, states = run(type(baseline[1]).model_validate(cfg))
     assert states == expect(captions=R, prompts=R, null=R, train=R, sample=R)
+
+
+@FLUX
+def test_flux_t5_attention_mask_toggled(baseline, tmp_path):
+    """The mask changes every T5 embedding: encodes, null embedding, train and sample re-run; latents do not."""
+    root, cfg = fork(baseline, tmp_path)
+    cfg["encoder"]["t5_attention_mask"] = True
+    report, states = run(type(baseline[1]).model_validate(cfg))
+    assert states == expect(captions=R, prompts=R, null=R, train=R, sample=R)
+    assert row(report, "captions").reused == 0
+    assert row(report, "latents").computed == 0
+
+
+@SDXL
+def test_sdxl_crop_coordinates_reach_time_ids(baseline, tmp_path, monkeypatch):
+    """The size and crop stored with each latent are what the UNet receives as `time_ids` in training,
+    and changing the crop setting re-encodes the latents."""
+    root, cfg = fork(baseline, tmp_path)
+    draw_shape("red", "circle", 1).resize((96, 64)).save(root / "data" / "wide_red_circle.png")  # cropped sideways
+    (root / "data" / "wide_red_circle.txt").write_text("a wide red circle\n")
+    cfg["train"]["batch_size"] = 16  # more than the images: every step sees every latent
+
+    seen = []
+    forward = UNet2DConditionModel.forward
+
+    def recording_forward(self, *args, added_cond_kwargs=None, **kwargs):
+        if torch.is_grad_enabled():  # training, not sampling
+            seen.extend(tuple(row) for row in added_cond_kwargs["time_ids"].round().int().tolist())
+        return forward(self, *args, added_cond_kwargs=added_cond_kwargs, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", recording_forward)
+    for center_crop, states_expected in [(True, expect(captions=R, latents=R, train=R, sample=R)),
+                                         (False, expect(latents=R, train=R, sample=R))]:
+        cfg["dataset"]["center_crop"] = center_crop
+        seen.clear()
+        config = type(baseline[1]).model_validate(cfg)
+        report, states = run(config)
+        assert states == states_expected
+        stored = stored_latents(config)
+        resolution = config.dataset.resolution
+        expected = {(*t["original_size"].tolist(), *t["crop_top_left"].tolist(), resolution, resolution) for t in stored}
+        assert set(seen) == expected
+        assert ((64, 96, 0, 8, 32, 32) in expected) == center_crop  # the wide image, resized to 48x32
+
+
+def stored_latents(cfg) -> list[dict[str, torch.Tensor]]:
+    """The latent objects a run used, read back from its store by their keys."""
+    store = Store(cfg.store)
+    model = resolve_model(cfg.model)
+    keys = [latent_key(model.family, model.vae, image, cfg.dataset.resolution, cfg.dataset.center_crop, cfg.dataset.flip)
+            for image in load_dataset(cfg.dataset)]
+    return [store.read_tensors(store.find("latents", key, "safetensors")) for key in keys]
+
+
+@pytest.mark.parametrize("baseline", ["sd3"], indirect=True)
+@pytest.mark.parametrize("setting,value", [("weighting_scheme", "mode"), ("logit_std", 0.5)])
+def test_timestep_weighting_changed(baseline, tmp_path, setting, value):
+    _, cfg = fork(baseline, tmp_path)
+    cfg["train"][setting] = value
+    _, states = run(type(baseline[1]).model_validate(cfg))
+    assert states == expect(train=R, sample=R)
+
+
+@FLUX
+def test_flux_sampling_guidance_embedding_changed(baseline, tmp_path):
+    _, cfg = fork(baseline, tmp_path)
+    cfg["sample"]["guidance_embedding"] = 5.0
+    report, states = run(type(baseline[1]).model_validate(cfg))
+    assert states == expect(sample=R)
+    assert row(report, "sample").computed == 2

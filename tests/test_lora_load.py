@@ -13,24 +13,32 @@ from PIL import Image
 
 from loraflow.builtin import builtin_path
 from loraflow.dataset import generate_shapes
-from tests.helpers import run, small_config
+from tests.helpers import FAMILIES, run, small_config
 
 
-@pytest.mark.parametrize("family", ["sd", "sana"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_trained_lora_loads_into_diffusers_pipeline(tmp_path, family):
     generate_shapes(tmp_path / "data", variants=1)
     cfg = small_config(tmp_path / "store", tmp_path / "data", family, train={"learning_rate": 1e-2})
     report, _ = run(cfg)
     prompt = cfg.sample.prompts[0]
 
-    # What a user does: the full pipeline, text encoder included, from the model folder.
+    # What a user does: the full pipeline, text encoders included, from the model folder, called
+    # with the settings loraflow samples with.
     pipe = DiffusionPipeline.from_pretrained(builtin_path(f"tiny-{family}"))
     kwargs = dict(num_inference_steps=cfg.sample.steps, guidance_scale=cfg.sample.guidance_scale, height=32, width=32)
-    if family == "sd":
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the sampler loraflow uses
-    else:
+    if family in ("sd", "sdxl"):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if family == "sdxl":
+        kwargs |= dict(negative_prompt="")  # the null embedding; without it SDXL guides from zeros
+    if family in ("sd3", "flux", "sana"):
+        kwargs |= dict(max_sequence_length=16)
+    if family == "flux":  # true CFG from the empty prompt; guidance_scale is the embedded guidance
+        kwargs |= dict(negative_prompt="", true_cfg_scale=cfg.sample.guidance_scale,
+                       guidance_scale=cfg.sample.guidance_embedding)
+    if family == "sana":
         pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-        kwargs |= dict(use_resolution_binning=False, max_sequence_length=16, complex_human_instruction=None)
+        kwargs |= dict(use_resolution_binning=False, complex_human_instruction=None)
 
     def generate() -> np.ndarray:
         image = pipe(prompt, generator=torch.Generator().manual_seed(cfg.sample.seed), **kwargs).images[0]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from PIL import Image
 from prefect.settings import PREFECT_API_URL
 
@@ -17,11 +18,12 @@ from tests.helpers import row, run, small_config
 from tests.test_resume import checkpoints_stored
 
 
-def test_prompt_file_edited_during_training(tmp_path):
+@pytest.mark.parametrize("family", ["sd", "flux"])
+def test_prompt_file_edited_during_training(tmp_path, family):
     generate_shapes(tmp_path / "data", variants=1)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\n")
-    cfg = small_config(tmp_path / "store", tmp_path / "data", train={"steps": 200, "checkpoint_every": 20},
+    cfg = small_config(tmp_path / "store", tmp_path / "data", family, train={"steps": 200, "checkpoint_every": 20},
                        sample={"prompts": None, "prompts_file": str(prompts)})
     (tmp_path / "run.yaml").write_text(json.dumps(cfg.model_dump()))
 

@@ -1,10 +1,15 @@
 """Model families, one module each, behind the interface in `base`."""
 
 from loraflow.families.base import Cond, Family
+from loraflow.families.flux import Flux
 from loraflow.families.sana import Sana
 from loraflow.families.sd import StableDiffusion
+from loraflow.families.sd3 import StableDiffusion3
+from loraflow.families.sdxl import StableDiffusionXL
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion(), Sana())}
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Flux(), Sana())
+}
 
 
 def get_family(name: str) -> Family:

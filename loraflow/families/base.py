@@ -2,8 +2,8 @@
 
 The five tasks are written once against this interface; every family difference (how a prompt is
 encoded, what the null embedding is, latent scaling, the training objective, LoRA targets, how to
-sample) lives in that family's module. SDXL, SD3 and Flux fit by returning more tensors from
-`encode` (pooled embeddings, masks) and reading them back in `training_loss` and `generate`.
+sample) lives in that family's module. Families differ in how many tensors `encode` returns per
+prompt (pooled embeddings, masks), which `training_loss` and `generate` read back by name.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 
-from loraflow.config import EncoderConfig, SamplerSettings
+from loraflow.config import EncoderConfig, SamplerSettings, TrainConfig
 
 Cond = dict[str, torch.Tensor]  # one prompt's embedding tensors, e.g. {"prompt_embeds": (L, D)}
 
@@ -52,12 +52,16 @@ class Family:
         return self.encode(text_encoder, [""], settings)[0]
 
     # --- latents --------------------------------------------------------------------------------
+    # A KL VAE unless the family says otherwise; its distribution's mode, so latents are deterministic.
     def load_vae(self, model_dir: str, device: torch.device) -> torch.nn.Module:
-        raise NotImplementedError
+        return AutoencoderKL.from_pretrained(model_dir, subfolder="vae").to(device).eval()
 
     def encode_images(self, vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (B, 3, H, W) in [-1, 1] -> normalised latents on the CPU, deterministically."""
-        raise NotImplementedError
+        with torch.no_grad():
+            latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode().cpu()
+        shift = vae.config.shift_factor or 0.0
+        return (latents - shift) * vae.config.scaling_factor
 
     # --- training -------------------------------------------------------------------------------
     def load_denoiser(self, model_dir: str) -> torch.nn.Module:
@@ -67,8 +71,9 @@ class Family:
         raise NotImplementedError
 
     def training_loss(self, denoiser: torch.nn.Module, schedule: Any, batch: dict[str, torch.Tensor],
-                      cond: Cond, generator: torch.Generator) -> torch.Tensor:
-        """batch: "latent" (B, C, h, w), "original_size" and "crop_top_left" (B, 2) as cached."""
+                      cond: Cond, generator: torch.Generator, hp: TrainConfig) -> torch.Tensor:
+        """batch: "latent" (B, C, h, w), "original_size" and "crop_top_left" (B, 2) as cached; cond:
+        `encode`'s tensors stacked; hp: the objective's options (timestep weighting, guidance)."""
         raise NotImplementedError
 
     def add_lora(self, denoiser: torch.nn.Module, rank: int, alpha: float) -> None:

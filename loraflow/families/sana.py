@@ -66,7 +66,7 @@ class Sana(Family):
         # Converted Sana checkpoints ship a DPM-Solver config with `flow_shift`; tiny ones `shift`.
         return {"shift": float(config.get("flow_shift") or config.get("shift") or 1.0)}
 
-    def training_loss(self, denoiser, schedule, batch, cond, generator):
+    def training_loss(self, denoiser, schedule, batch, cond, generator, hp):
         latents = batch["latent"]
         # Random draws come from the CPU generator (its state is checkpointed), then move.
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)

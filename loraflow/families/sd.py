@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
     StableDiffusionPipeline,
@@ -43,32 +42,14 @@ class StableDiffusion(Family):
             embeds = encoder(ids.to(encoder.device))[0]
         return [{"prompt_embeds": e.cpu()} for e in embeds]
 
-    def load_vae(self, model_dir, device):
-        return AutoencoderKL.from_pretrained(model_dir, subfolder="vae").to(device).eval()
-
-    def encode_images(self, vae, pixels):
-        with torch.no_grad():
-            latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode().cpu()
-        shift = vae.config.shift_factor or 0.0
-        return (latents - shift) * vae.config.scaling_factor
-
     def load_denoiser(self, model_dir):
         return UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
 
     def load_noise_schedule(self, model_dir):
         return DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
 
-    def training_loss(self, denoiser, schedule, batch, cond, generator):
-        latents = batch["latent"]
-        # Random draws come from the CPU generator (its state is checkpointed), then move.
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-        t = torch.randint(0, schedule.config.num_train_timesteps, (latents.shape[0],), generator=generator)
-        t = t.to(latents.device)
-        noisy = schedule.add_noise(latents, noise, t)
-        if schedule.config.prediction_type == "v_prediction":
-            target = schedule.get_velocity(latents, noise, t)
-        else:
-            target = noise
+    def training_loss(self, denoiser, schedule, batch, cond, generator, hp):
+        noisy, t, target = add_noise(schedule, batch["latent"], generator)
         pred = denoiser(noisy, t, encoder_hidden_states=cond["prompt_embeds"]).sample
         return F.mse_loss(pred.float(), target.float())
 
@@ -85,3 +66,15 @@ class StableDiffusion(Family):
             guidance_scale=settings.guidance_scale, num_inference_steps=settings.steps,
             height=size, width=size, generator=generator,
         ).images[0]
+
+
+def add_noise(scheduler, latents: torch.Tensor, generator: torch.Generator):
+    """A uniformly drawn training timestep per latent: (noisy latents, timesteps, target)."""
+    # Random draws come from the CPU generator (its state is checkpointed), then move.
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    t = t.to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    if scheduler.config.prediction_type == "v_prediction":
+        return noisy, t, scheduler.get_velocity(latents, noise, t)
+    return noisy, t, noise

@@ -1,0 +1,69 @@
+"""Stable Diffusion 3: MMDiT transformer, two CLIP encoders plus T5, pooled embeddings, flow matching.
+
+Text: `StableDiffusion3Pipeline.encode_prompt` (CLIP hidden states concatenated and zero-padded to
+T5's width, then T5's tokens appended; pooled = both CLIPs' projections); `max_length` is the T5
+length (the CLIP part is always 77). No T5 mask, as in the pipeline. Null embedding: the empty
+prompt through all three encoders (the pipeline's default negative prompt). Objective: diffusers'
+SD3 trainer (logit-normal timesteps by default, the scheduler's static shift, target `noise - x0`).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+from loraflow.families.base import DTYPES, Cond, Family
+from loraflow.families.flow_matching import add_flow_noise, weighted_mse
+
+
+class StableDiffusion3(Family):
+    name = "sd3"
+    pipeline_class = StableDiffusion3Pipeline
+    denoiser_folder = "transformer"
+    text_folders = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+    lora_targets = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                    "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0"]
+    default_max_length = 256  # T5 tokens (the pipeline's default)
+    default_weighting = "logit_normal"
+
+    def load_text_encoder(self, model_dir, settings, device):
+        pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, transformer=None, vae=None, scheduler=None,
+                                                        dtype=DTYPES[settings.dtype])
+        return pipe.to(device)
+
+    def encode(self, text_encoder, prompts, settings):
+        prompts = [(settings.instruction or "") + p for p in prompts]
+        with torch.no_grad():
+            embeds, _, pooled, _ = text_encoder.encode_prompt(
+                prompts, None, None, do_classifier_free_guidance=False,
+                max_sequence_length=settings.max_length or self.default_max_length)
+        return [{"prompt_embeds": e.cpu(), "pooled_prompt_embeds": p.cpu()} for e, p in zip(embeds, pooled)]
+
+    def load_denoiser(self, model_dir):
+        return SD3Transformer2DModel.from_pretrained(model_dir, subfolder="transformer")
+
+    def load_noise_schedule(self, model_dir):
+        return FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
+
+    def training_loss(self, denoiser, schedule, batch, cond, generator, hp):
+        noisy, timesteps, target, weighting = add_flow_noise(schedule, batch["latent"], hp, self.default_weighting,
+                                                             generator)
+        pred = denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond["prompt_embeds"],
+                        pooled_projections=cond["pooled_prompt_embeds"], return_dict=False)[0]
+        return weighted_mse(pred, target, weighting)
+
+    def pipeline(self, model_dir, denoiser, vae):
+        return StableDiffusion3Pipeline(
+            transformer=denoiser, vae=vae, scheduler=self.load_noise_schedule(model_dir),
+            text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+            text_encoder_3=None, tokenizer_3=None,
+        )
+
+    def generate(self, pipe, cond: Cond, null: Cond, settings, size, generator):
+        return pipe(
+            prompt_embeds=cond["prompt_embeds"][None], pooled_prompt_embeds=cond["pooled_prompt_embeds"][None],
+            negative_prompt_embeds=null["prompt_embeds"][None],
+            negative_pooled_prompt_embeds=null["pooled_prompt_embeds"][None],
+            guidance_scale=settings.guidance_scale, num_inference_steps=settings.steps,
+            height=size, width=size, generator=generator,
+        ).images[0]
