@@ -48,7 +48,7 @@ def test_trained_lora_loads_into_diffusers_pipeline(tmp_path, family):
     weights = Path(report.weights)
     pipe.load_lora_weights(weights.parent, weight_name=weights.name)
     after = generate()
-    assert np.abs(after - before).max() > 10  # the LoRA changes the output
+    assert np.abs(after - before).max() > 3  # the LoRA changes the output, well beyond rounding (<= 1 below)
 
     # ...into exactly the image loraflow sampled from cached embeddings for the same prompt.
     (ours,) = [u for u in report.samples if Image.open(u).text["prompt"] == prompt]

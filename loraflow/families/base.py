@@ -109,3 +109,13 @@ class Family:
                  size: int, generator: torch.Generator) -> Image.Image:
         raise NotImplementedError
 
+
+
+def with_pooled(cond: Cond, null: Cond) -> dict[str, torch.Tensor]:
+    """A prompt's and the null embedding's hidden states and pooled vectors, as the keyword
+    arguments (batch of one) the SDXL, SD3 and Flux pipelines take for guided sampling."""
+    return {
+        "prompt_embeds": cond["prompt_embeds"][None], "pooled_prompt_embeds": cond["pooled_prompt_embeds"][None],
+        "negative_prompt_embeds": null["prompt_embeds"][None],
+        "negative_pooled_prompt_embeds": null["pooled_prompt_embeds"][None],
+    }

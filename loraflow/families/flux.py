@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-from loraflow.families.base import DTYPES, Cond, Family
+from loraflow.families.base import DTYPES, Cond, Family, with_pooled
 from loraflow.families.flow_matching import add_flow_noise, weighted_mse
 
 
@@ -76,9 +76,7 @@ class Flux(Family):
 
     def generate(self, pipe, cond: Cond, null: Cond, settings, size, generator):
         return pipe(
-            prompt_embeds=cond["prompt_embeds"][None], pooled_prompt_embeds=cond["pooled_prompt_embeds"][None],
-            negative_prompt_embeds=null["prompt_embeds"][None],
-            negative_pooled_prompt_embeds=null["pooled_prompt_embeds"][None],
+            **with_pooled(cond, null),
             true_cfg_scale=settings.guidance_scale, guidance_scale=settings.guidance_embedding,
             num_inference_steps=settings.steps, height=size, width=size, generator=generator,
         ).images[0]

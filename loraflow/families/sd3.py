@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-from loraflow.families.base import DTYPES, Cond, Family
+from loraflow.families.base import DTYPES, Cond, Family, with_pooled
 from loraflow.families.flow_matching import add_flow_noise, weighted_mse
 
 
@@ -61,9 +61,7 @@ class StableDiffusion3(Family):
 
     def generate(self, pipe, cond: Cond, null: Cond, settings, size, generator):
         return pipe(
-            prompt_embeds=cond["prompt_embeds"][None], pooled_prompt_embeds=cond["pooled_prompt_embeds"][None],
-            negative_prompt_embeds=null["prompt_embeds"][None],
-            negative_pooled_prompt_embeds=null["pooled_prompt_embeds"][None],
+            **with_pooled(cond, null),
             guidance_scale=settings.guidance_scale, num_inference_steps=settings.steps,
             height=size, width=size, generator=generator,
         ).images[0]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline
 
-from loraflow.families.base import DTYPES, Cond
+from loraflow.families.base import DTYPES, Cond, with_pooled
 from loraflow.families.sd import StableDiffusion, add_noise
 
 
@@ -66,9 +66,7 @@ class StableDiffusionXL(StableDiffusion):
 
     def generate(self, pipe, cond: Cond, null: Cond, settings, size, generator):
         return pipe(
-            prompt_embeds=cond["prompt_embeds"][None], pooled_prompt_embeds=cond["pooled_prompt_embeds"][None],
-            negative_prompt_embeds=null["prompt_embeds"][None],
-            negative_pooled_prompt_embeds=null["pooled_prompt_embeds"][None],
+            **with_pooled(cond, null),
             guidance_scale=settings.guidance_scale, num_inference_steps=settings.steps,
             height=size, width=size, generator=generator,
         ).images[0]
