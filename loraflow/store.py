@@ -117,9 +117,6 @@ class Store:
             raise ArtifactMissing(f"{self.url_of(ref.path)} does not match its checksum")
         return data
 
-    def intact(self, ref: ObjectRef) -> bool:
-        return not self.broken([ref])
-
     def broken(self, refs: list[ObjectRef]) -> list[ObjectRef]:
         """The refs whose object is missing or does not match its checksum.
 

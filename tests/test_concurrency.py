@@ -12,6 +12,7 @@ from collections import Counter
 
 from prefect.settings import PREFECT_API_URL
 
+from loraflow.builtin import builtin_path
 from tests.helpers import small_config, task_states
 
 STAGES = ["captions", "prompts", "null", "latents", "train", "sample"]
@@ -34,8 +35,12 @@ def finish(proc: subprocess.Popen) -> str:
 
 
 def test_two_runs_started_together_compute_each_stage_once(shapes, tmp_path):
-    cfg = small_config(tmp_path / "store", shapes, train={"steps": 30, "checkpoint_every": 10})
-    runs = [start_cli(cfg, tmp_path, name) for name in ("a", "b")]
+    """With a 1 s lease, training outlasts many leases: the holder's renewals keep the other run out."""
+    cfg = small_config(tmp_path / "store", shapes, train={"steps": 150, "checkpoint_every": 50})
+    builtin_path("tiny-sd")  # built once here, not by both runs at once
+    # Two torch processes on a small machine: one thread each, or OpenMP's spinning threads starve both.
+    runs = [start_cli(cfg, tmp_path, name, LORAFLOW_LOCK_LEASE_SECONDS="1", OMP_NUM_THREADS="1")
+            for name in ("a", "b")]
     for proc in runs:
         finish(proc)
     reports = [json.loads((tmp_path / f"{name}.json").read_text()) for name in ("a", "b")]
@@ -46,6 +51,7 @@ def test_two_runs_started_together_compute_each_stage_once(shapes, tmp_path):
     for r in reports:
         for row in r["tasks"]:
             computed[row["task"], row["role"]] += row["computed"]
+    assert max(row["seconds"] for r in reports for row in r["tasks"] if row["task"] == "train") > 1  # > the lease
     images = len(list(shapes.glob("*.png")))
     assert computed["build-latent-cache", None] == images  # each latent encoded once, in all
     captions = {p.read_text().strip() for p in shapes.glob("*.txt")}
