@@ -36,7 +36,7 @@ def finish(proc: subprocess.Popen) -> str:
 
 def test_two_runs_started_together_compute_each_stage_once(shapes, tmp_path):
     """With a 1 s lease, training outlasts many leases: the holder's renewals keep the other run out."""
-    cfg = small_config(tmp_path / "store", shapes, train={"steps": 150, "checkpoint_every": 50})
+    cfg = small_config(tmp_path / "store", shapes, train={"steps": 300, "checkpoint_every": 100})
     builtin_path("tiny-sd")  # built once here, not by both runs at once
     # Two torch processes on a small machine: one thread each, or OpenMP's spinning threads starve both.
     runs = [start_cli(cfg, tmp_path, name, LORAFLOW_LOCK_LEASE_SECONDS="1", OMP_NUM_THREADS="1")
