@@ -54,6 +54,12 @@ def task_states(flow_run_id) -> dict[str, str]:
     return {TASK_RUN_NAMES[r.name]: r.state.name for r in runs}
 
 
+def report_states(path: Path) -> dict[str, str]:
+    """{stage: Prefect state name} from the run report a CLI run wrote with `--report`."""
+    report = Report.model_validate_json(path.read_text())
+    return {TASK_RUN_NAMES[r.label]: r.state for r in report.tasks}
+
+
 def row(report: Report, stage: str):
     name = {v: k for k, v in TASK_RUN_NAMES.items()}[stage]
     (match,) = [r for r in report.tasks if r.label == name]
