@@ -8,8 +8,11 @@ versions builds byte-identical weights. Tokenizers are built from in-memory voca
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import string
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,18 +31,28 @@ def builtin_path(name: str) -> Path:
     if name not in BUILTINS:
         raise ValueError(f"model.source: unknown built-in model {name!r}; known: {', '.join(BUILTINS)}")
     torch_version = torch.__version__.split("+")[0]
-    folder = cache_root() / "builtin" / f"{name}-v4-torch{torch_version}"
-    if not (folder / "model_index.json").exists():
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        build = {"tiny-sd": build_tiny_sd, "tiny-sana": build_tiny_sana, "tiny-sdxl": build_tiny_sdxl,
-                 "tiny-sd3": build_tiny_sd3, "tiny-flux": build_tiny_flux}[name]
-        build().save_pretrained(tmp)
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process finished first; its copy is identical
-            import shutil
+    build = {"tiny-sd": build_tiny_sd, "tiny-sana": build_tiny_sana, "tiny-sdxl": build_tiny_sdxl,
+             "tiny-sd3": build_tiny_sd3, "tiny-flux": build_tiny_flux}[name]
+    return build_once(cache_root() / "builtin" / f"{name}-v4-torch{torch_version}",
+                      lambda folder: build().save_pretrained(folder))
 
-            shutil.rmtree(tmp, ignore_errors=True)
+
+def build_once(folder: Path, build: Callable[[Path], None]) -> Path:
+    """`folder`, made by `build` on first use, by one process at a time and moved into place whole.
+
+    Runs started together wait for the first one's build and then use its folder; none of them can
+    see a half-built one. A build killed midway leaves only `.<name>.partial`, redone next time.
+    """
+    if folder.exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed, or when the process dies
+        if not folder.exists():
+            partial = folder.with_name(f".{folder.name}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            build(partial)
+            partial.rename(folder)
     return folder
 
 

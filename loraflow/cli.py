@@ -1,11 +1,31 @@
-"""`loraflow run [--config FILE] [--report FILE]`: run the fine-tuning flow (the demo without a config)."""
+"""`loraflow run [--config FILE] [--report FILE] [--debug]`: run the fine-tuning flow (the demo without a config).
+
+What a person at a terminal sees:
+- progress lines, then the run report;
+- on any error, one line `loraflow: ...` naming the file or field, and where the full log is
+  (`$LORAFLOW_HOME/logs/`, with every traceback); exit code 2 for a bad config, 1 for a failed run;
+- on Ctrl-C or SIGTERM, the run stops within seconds: Prefect marks it Crashed, everything already
+  stored stays valid, and the next run resumes from it (exit code 130 or 143).
+`--debug` shows everything Prefect logs, tracebacks included.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
 import sys
+import time
 from pathlib import Path
+
+EXIT_CONFIG, EXIT_FAILED = 2, 1
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the flow engine reports the run and the CLI exits cleanly."""
+
+    signum = signal.SIGTERM
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,34 +34,111 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run the fine-tuning flow")
     run.add_argument("--config", type=Path, help="YAML run config (default: the built-in demo)")
     run.add_argument("--report", type=Path, help="also write the JSON run report here")
+    run.add_argument("--debug", action="store_true", help="show Prefect's full log, tracebacks included")
     args = parser.parse_args(argv)
 
     # Prefect's embedded server needs more than its default 20 s to start on a small machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    import yaml
-    from pydantic import ValidationError
+    if not args.debug:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # import-time notices about optional backends
+    log_file, detach_logging = log_to_file(args.debug)
+    try:
+        return run_flow(args, log_file)
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        say(f"stopped by {signal.Signals(signum).name}; what finished is in the store and the next run resumes "
+            f"from it (full log: {log_file})")
+        return 128 + signum
+    except Exception as exc:
+        logging.getLogger("loraflow").error("run failed", exc_info=exc)
+        say(f"run failed: {one_line(exc)} (full log: {log_file})")
+        return EXIT_FAILED
+    finally:
+        detach_logging()
 
+
+def run_flow(args: argparse.Namespace, log_file: Path) -> int:
     from flows.finetune import finetune
     from loraflow.config import RunConfig
+    from loraflow.local_server import prefect_api
 
     try:
         cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig.demo()
-    except (OSError, ValidationError, ValueError, yaml.YAMLError) as exc:
-        print(f"loraflow: bad config {args.config}: {exc}", file=sys.stderr)
-        return 2
-    state = finetune(cfg, return_state=True)
-    if not state.is_completed():
-        try:
-            state.result()
-        except Exception as exc:
-            print(f"loraflow: run failed: {exc}", file=sys.stderr)
-        return 1
-    report = state.result()
+    except Exception as exc:
+        say(f"bad config {args.config}: {config_problem(exc)}")
+        return EXIT_CONFIG
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        with prefect_api():
+            state = finetune(cfg, return_state=True)
+            report = state.result()  # raises the run's error if it failed
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if args.report:
         args.report.write_text(report.model_dump_json(indent=2))
     print(report.table())
     return 0
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped()
+
+
+def say(message: str) -> None:
+    print(f"loraflow: {message}", file=sys.stderr, flush=True)
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def config_problem(exc: Exception) -> str:
+    """A config error as one line naming each bad field (never its value: it may be a credential)."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+    return one_line(exc)
+
+
+def log_to_file(debug: bool):
+    """Everything goes to a log file; the terminal gets progress, and errors only as one line.
+    Returns the file and a function that undoes this (for callers of `main` in one process)."""
+    """Everything goes to a log file; the terminal gets progress, and errors only as one line."""
+    from prefect.logging.configuration import setup_logging
+
+    from loraflow.builtin import cache_root
+
+    setup_logging()  # Prefect's handlers first: ours are added to them, not in their place
+
+    folder = cache_root() / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"run-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    logging.getLogger("loraflow").setLevel(logging.INFO)
+    consoles = [] if debug else [h for h in root.handlers if h is not handler]
+    for console in consoles:
+        console.addFilter(_terminal_filter)
+
+    def detach() -> None:
+        root.removeHandler(handler)
+        handler.close()
+        for console in consoles:
+            console.removeFilter(_terminal_filter)
+
+    return path, detach
+
+
+def _terminal_filter(record: logging.LogRecord) -> bool:
+    """Errors reach the terminal as the CLI's one line; their tracebacks stay in the log file."""
+    if record.levelno >= logging.ERROR or record.exc_info:
+        return False
+    message = record.getMessage()
+    return not (message.startswith("Finished in state") and "Completed" not in message and "Cached" not in message)
 
 
 if __name__ == "__main__":
