@@ -2,13 +2,15 @@
 
 Three concepts, as in git:
 - a *content key* is the hash of everything that determines an artifact (see `hashing`);
-- an *object* is the artifact's bytes at `objects/<kind>/<key>.<ext>`, plus a checksum file
-  `<path>.sha256` written last, which is what makes the object count as present;
+- an *object* is the artifact's bytes at `objects/<kind>/<key>.<ext>`, sealed with its key (see
+  `sealed`), plus a checksum file `<path>.sha256` written last, which is what makes the object
+  count as present;
 - a *manifest* is the small JSON value a task returns: `ObjectRef`s (path, key, sha256).
 
 Writes go to a temporary name and are moved into place, so a reader never sees half a file and
-an interrupted write leaves nothing that counts as present. Every read re-hashes the bytes: a
-missing, truncated or altered object is a miss (`ArtifactMissing`), never a crash or a None.
+an interrupted write leaves nothing that counts as present. Every read re-hashes the bytes and
+checks the key sealed in them: a missing, truncated or altered object, or one copied from another
+key, is a miss (`ArtifactMissing`), never a crash or a None.
 Checking that a manifest's objects are intact (`broken`) lists them and re-reads only objects
 whose stamp (size + ETag or mtime) was never verified before. Tensors are safetensors; nothing
 here ever unpickles. Prefect's cache records live in the store too (`StoreRecords`).
@@ -31,10 +33,11 @@ from safetensors.torch import save as save_safetensors
 
 from loraflow.digests import digests, remote_stamp
 from loraflow.hashing import sha256_bytes
+from loraflow.sealed import seal, sealed_key
 
 
 class ArtifactMissing(Exception):
-    """An object is absent, half-written or does not match its checksum."""
+    """An object is absent, half-written, does not match its checksum or was made for another key."""
 
 
 class StoreError(Exception):
@@ -92,6 +95,7 @@ class Store:
 
     def put(self, kind: str, key: str, data: bytes, ext: str) -> ObjectRef:
         path = self.object_path(kind, key, ext)
+        data = seal(data, ext, key)
         digest = sha256_bytes(data)
         self.write_atomic(path, data)
         self.write_atomic(path + ".sha256", digest.encode())  # last: marks the object present
@@ -115,10 +119,12 @@ class Store:
             raise ArtifactMissing(f"{self.url_of(ref.path)} is missing") from None
         if sha256_bytes(data) != ref.sha256:
             raise ArtifactMissing(f"{self.url_of(ref.path)} does not match its checksum")
+        if sealed_key(data, ref.path.rsplit(".", 1)[-1]) != ref.key:
+            raise ArtifactMissing(f"{self.url_of(ref.path)} was not made for key {ref.key[:12]}")
         return data
 
     def broken(self, refs: list[ObjectRef]) -> list[ObjectRef]:
-        """The refs whose object is missing or does not match its checksum.
+        """The refs whose object is missing, does not match its checksum or was made for another key.
 
         One listing per object kind; an object is read and re-hashed only if this version of it
         (its stamp) has not been verified before on this machine.

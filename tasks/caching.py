@@ -12,7 +12,9 @@ A cache record is only as good as the artifacts it points to. Before Prefect loo
 policy reads the record (Prefect's records live in the artifact store, `records/<key>`) and, if
 any object its manifest names is missing or corrupt, deletes it: the task then runs, reuses every
 intact item and recomputes the rest, and its downstream keys stay the same. A record that is not a
-plain JSON manifest of the task's return type is deleted unread, so nothing is ever unpickled.
+plain JSON manifest of the task's return type (too big, not JSON, any other serializer, any shape
+that fails to parse, whatever the exception) is deleted before Prefect sees it, so nothing is ever
+unpickled and no garbage record can keep a stage from caching.
 """
 
 from __future__ import annotations
@@ -60,27 +62,38 @@ class ContentKey(CachePolicy):
 RECORD_SERIALIZER = JSONSerializer().model_dump()
 
 
+MAX_RECORD_BYTES = 16 * 2**20  # a manifest is a few kilobytes: anything this big is not one, and is never read
+
+
 def drop_if_stale(task, key: str, store: Store) -> None:
     """Delete the record at `key` unless it is a plain JSON manifest whose objects are all intact."""
     path = f"records/{key}"
     try:
-        raw = store.fs.cat_file(store.abs(path))
+        size = store.fs.size(store.abs(path))
+        raw = store.fs.cat_file(store.abs(path)) if size <= MAX_RECORD_BYTES else None
     except FileNotFoundError:
         return
-    manifest_type = get_type_hints(task.fn)["return"]
-    try:
-        record = json.loads(raw)
-        payload = json.loads(record["result"])
-        if record["metadata"]["serializer"] != RECORD_SERIALIZER:
-            problem = "it was not written by loraflow's JSON serializer"
-        elif payload.get("__class__") != f"{manifest_type.__module__}.{manifest_type.__qualname__}":
-            problem = f"it holds a {payload.get('__class__')}, not a {manifest_type.__name__}"
-        else:
-            manifest = manifest_type.model_validate(payload["data"])
+    if raw is None:
+        problem = f"it is {size} bytes, far more than any manifest"
+    else:
+        try:
+            manifest, problem = read_manifest(raw, get_type_hints(task.fn)["return"])
+        except Exception as exc:  # any way of not being a record (deep nesting is a RecursionError): a miss
+            manifest, problem = None, f"it is unreadable ({type(exc).__name__}: {str(exc)[:200]})"
+        if manifest is not None:
             broken = [ref.path for ref in store.broken(manifest.refs())]
             problem = f"{len(broken)} artifact(s) are missing or corrupt, e.g. {broken[0]}" if broken else None
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # not JSON, or not shaped like a record
-        problem = f"it is unreadable ({exc})"
     if problem:
         logger.warning("dropping cache record %s of %s: %s; the task runs again", key[:12], task.name, problem)
         store.delete(path)
+
+
+def read_manifest(raw: bytes, manifest_type: type) -> tuple[Any, str | None]:
+    """The manifest in a record's bytes, or None and why it cannot be trusted."""
+    record = json.loads(raw)
+    if record["metadata"]["serializer"] != RECORD_SERIALIZER:  # before decoding the result, which could be anything
+        return None, "it was not written by loraflow's JSON serializer"
+    payload = json.loads(record["result"])
+    if payload.get("__class__") != f"{manifest_type.__module__}.{manifest_type.__qualname__}":
+        return None, f"it holds a {payload.get('__class__')}, not a {manifest_type.__name__}"
+    return manifest_type.model_validate(payload["data"]), None

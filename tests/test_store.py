@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 
 import pytest
 import torch
-from safetensors.torch import load
+from safetensors.torch import load, save
 
 from loraflow.dataset import generate_shapes
-from loraflow.store import ArtifactMissing, Store
+from loraflow.sealed import seal, sealed_key
+from loraflow.store import ArtifactMissing, Store, safetensors_metadata
 from tests.helpers import STAGES, run, small_config
 
 
@@ -35,14 +38,14 @@ def test_round_trip_and_verification(store, tmp_path):
 
 def test_object_without_its_checksum_file_is_not_present(store, tmp_path):
     """An interrupted write (object moved into place, checksum not yet written) leaves no object."""
-    ref = store.put("samples", "k2", b"png bytes", "png")
+    ref = store.put_tensors("latents", "k2", {"latent": torch.zeros(2)})
     (tmp_path / "store" / (ref.path + ".sha256")).unlink()
-    assert store.find("samples", "k2", "png") is None
+    assert store.find("latents", "k2", "safetensors") is None
 
 
 def test_no_temporary_files_left(store, tmp_path):
     for i in range(5):
-        store.put("embeddings", f"k{i}", b"x" * 100, "safetensors")
+        store.put_tensors("embeddings", f"k{i}", {"x": torch.zeros(100)})
     assert not [p for p in (tmp_path / "store").rglob("*") if ".tmp-" in p.name]
 
 
@@ -83,3 +86,50 @@ def test_store_holds_no_pickles(tmp_path):
             json.loads(data)
         kinds[kind] = kinds.get(kind, 0) + 1
     assert set(kinds) == {"checksum", "safetensors", "png", "json"}
+
+
+def test_an_object_copied_under_another_key_is_a_miss(store, tmp_path):
+    """The checksum file says the bytes are whole; the key sealed inside says whose they are."""
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4), "red").save(png, format="PNG")
+    for ext, data in [("safetensors", save({"x": torch.zeros(3)})), ("png", png.getvalue())]:
+        ours, other = store.put("samples", "k-ours", data, ext), store.put("samples", "k-other", data, ext)
+        for suffix in ("", ".sha256"):  # the other key's object, checksum file included
+            shutil.copy(tmp_path / "store" / (other.path + suffix), tmp_path / "store" / (ours.path + suffix))
+        assert store.find("samples", "k-ours", ext) is None
+        swapped = ours.model_copy(update={"sha256": other.sha256})  # what the copied checksum file says
+        with pytest.raises(ArtifactMissing, match="not made for key"):
+            store.read(swapped)
+        assert store.broken([swapped]) == [swapped]
+    with pytest.raises(ValueError, match="cannot seal"):
+        store.put("samples", "k", b"{}", "json")
+
+
+def test_seal_round_trip_and_canonical_header():
+    tensors = {"b": torch.arange(5.0), "a": torch.ones(3, 2, dtype=torch.bfloat16), "c": torch.tensor([1, 2])}
+    one = save(tensors, metadata={"format": "pt", "step": "3", "name": "é"})
+    other = save(dict(reversed(tensors.items())), metadata={"name": "é", "step": "3", "format": "pt"})
+    sealed = seal(one, "safetensors", "key1")
+    assert sealed == seal(other, "safetensors", "key1")  # dict order never reaches the bytes
+    assert sealed_key(sealed, "safetensors") == "key1" and sealed_key(one, "safetensors") is None
+    assert int.from_bytes(sealed[:8], "little") % 8 == 0 and sealed[8:9] == b"{"
+    loaded = load(sealed)
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    assert safetensors_metadata(sealed) == {"format": "pt", "step": "3", "name": "é", "loraflow.key": "key1"}
+    assert seal(sealed, "safetensors", "key1") == sealed  # canonical: sealing again changes nothing
+
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", "a red circle")
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4), "red").save(png, format="PNG", pnginfo=info)
+    sealed = seal(png.getvalue(), "png", "key2")
+    assert sealed_key(sealed, "png") == "key2" and sealed_key(png.getvalue(), "png") is None
+    image = Image.open(io.BytesIO(sealed))
+    assert image.text == {"loraflow-key": "key2", "prompt": "a red circle"}
+    assert image.tobytes() == Image.open(png).tobytes()
+    for garbage in (b"", b"\x89PNG\r\n\x1a\n", sealed[:40], b"\xff" * 8 + b"{}"):
+        assert sealed_key(garbage, "png") is None and sealed_key(garbage, "safetensors") is None
