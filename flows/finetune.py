@@ -12,7 +12,7 @@ from prefect.runtime import deployment, flow_run
 from loraflow.config import RunConfig
 from loraflow.dataset import load_dataset, read_sample_prompts
 from loraflow.manifests import Example
-from loraflow.models import resolve_model
+from loraflow.models import check_resolution, resolve_model
 from loraflow.remote import storage_options
 from loraflow.report import Report, StageRunner
 from loraflow.store import Store
@@ -27,6 +27,7 @@ def finetune(cfg: RunConfig = RunConfig()) -> Report:
     options = storage_options(cfg.storage_options, cfg.storage_secret)
     store = Store(cfg.store, options)
     model = resolve_model(cfg.model, options)
+    check_resolution(model, cfg.dataset.resolution)
     images = load_dataset(cfg.dataset, options)
     sample_prompts = read_sample_prompts(cfg.sample, options)
     if not sample_prompts:

@@ -16,7 +16,7 @@ import fsspec
 import numpy as np
 import torch
 from fsspec.core import url_to_fs
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from pydantic import BaseModel
 
 from loraflow.builtin import BUILTIN_PREFIX, cache_root
@@ -24,7 +24,10 @@ from loraflow.config import DatasetConfig, SampleConfig
 from loraflow.digests import digests, remote_stamp
 from loraflow.hashing import sha256_bytes
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+# How `to_pixels` reads image bytes; part of every image's identity in keys, so raising it (whenever
+# that reading changes) re-encodes every latent. 2: EXIF orientation, 16-bit greys, transparency.
+PIXELS_VERSION = 2
 
 
 class DatasetError(ValueError):
@@ -38,7 +41,7 @@ class ImageItem(BaseModel):
     caption: str
 
     def cache_token(self) -> str:
-        return self.sha256
+        return f"{self.sha256}:pixels-v{PIXELS_VERSION}"
 
 
 def load_dataset(cfg: DatasetConfig, storage_options: dict[str, Any] | None = None) -> list[ImageItem]:
@@ -54,16 +57,19 @@ def load_dataset(cfg: DatasetConfig, storage_options: dict[str, Any] | None = No
     try:
         fs, root = url_to_fs(source, **(storage_options or {}))
         fs.invalidate_cache(root)  # a long-lived process must see images added since its last listing
-        listing = {info["name"].rstrip("/").rsplit("/", 1)[-1]: info for info in fs.ls(root, detail=True)
-                   if info.get("type") != "directory"}
+        listing = {info["name"].rstrip("/").rsplit("/", 1)[-1]: info for info in fs.ls(root, detail=True)}
     except Exception as exc:
         raise DatasetError(f"dataset.source: cannot list {source!r}: {type(exc).__name__}: {exc}") from exc
     root = root.rstrip("/")
     names = sorted(n for n in listing if n.lower().endswith(IMAGE_EXTENSIONS))
     if not names:
         raise DatasetError(f"dataset.source: no images ({', '.join(IMAGE_EXTENSIONS)}) in {source!r}")
+    for name in names:
+        if listing[name].get("type") == "directory":
+            raise DatasetError(f"dataset: {base}/{name} is a directory, not an image")
     if "metadata.jsonl" in listing:
-        captions = _jsonl_captions(fs, f"{root}/metadata.jsonl", source)
+        captions = _jsonl_captions(_cat(fs, root, base, ["metadata.jsonl"])["metadata.jsonl"], f"{base}/metadata.jsonl",
+                                   set(names))
         for name in names:
             if name not in captions:
                 raise DatasetError(f"dataset: {base}/{name} has no caption in metadata.jsonl")
@@ -72,26 +78,33 @@ def load_dataset(cfg: DatasetConfig, storage_options: dict[str, Any] | None = No
         for name, txt in txts.items():
             if txt not in listing:
                 raise DatasetError(f"dataset: {base}/{name} has no caption file {txt}")
-        texts = _cat(fs, [f"{root}/{txt}" for txt in txts.values()])  # concurrent on object stores
-        captions = {name: _text(texts[f"{root}/{txt}"], f"{base}/{txt}").strip() for name, txt in txts.items()}
+        texts = _cat(fs, root, base, list(txts.values()))  # concurrent on object stores
+        captions = {name: _text(texts[txt], f"{base}/{txt}").strip() for name, txt in txts.items()}
 
     known = digests()
     stamps = {name: remote_stamp(f"{base}/{name}", listing[name]) for name in names}
     shas = {name: known.get(_checked(stamps[name])) for name in names}
     unread = [name for name in names if shas[name] is None]
     if unread:
-        data = _cat(fs, [f"{root}/{name}" for name in unread])
+        data = _cat(fs, root, base, unread)
         for name in unread:
-            check_image(data[f"{root}/{name}"], f"{base}/{name}")
-            shas[name] = sha256_bytes(data[f"{root}/{name}"])
+            check_image(data[name], f"{base}/{name}")
+            shas[name] = sha256_bytes(data[name])
             known.put(_checked(stamps[name]), shas[name])
     return [ImageItem(name=n, url=f"{base}/{n}", sha256=shas[n], caption=captions[n]) for n in names]
 
 
-def _cat(fs, paths: list[str]) -> dict[str, bytes]:
-    """The bytes of many files, fetched concurrently where the filesystem can, keyed as given."""
-    fetched = fs.cat(paths)
-    return {path: fetched[fs._strip_protocol(path)] for path in paths}
+def _cat(fs, root: str, base: str, names: list[str]) -> dict[str, bytes]:
+    """The bytes of many files in the dataset folder, fetched concurrently where the filesystem
+    can, keyed by name; one that cannot be read (dangling or looping symlink, ...) is named."""
+    paths = [f"{root}/{name}" for name in names]
+    fetched = fs.cat(paths, on_error="return")
+    data = {name: fetched[fs._strip_protocol(path)] for name, path in zip(names, paths)}
+    for name, value in data.items():
+        if isinstance(value, Exception):
+            reason = getattr(value, "strerror", None) or f"{type(value).__name__}: {value}"
+            raise DatasetError(f"dataset: {base}/{name} cannot be read: {reason}") from value
+    return data
 
 
 def _checked(stamp: str | None) -> str | None:
@@ -99,10 +112,9 @@ def _checked(stamp: str | None) -> str | None:
     return f"image:{stamp}" if stamp else None
 
 
-def _jsonl_captions(fs, path: str, source: str) -> dict[str, str]:
+def _jsonl_captions(data: bytes, where: str, images: set[str]) -> dict[str, str]:
     captions = {}
-    where = f"{source.rstrip('/')}/metadata.jsonl"
-    for n, line in enumerate(_text(fs.cat_file(path), where).splitlines(), 1):
+    for n, line in enumerate(_text(data, where).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -110,8 +122,11 @@ def _jsonl_captions(fs, path: str, source: str) -> dict[str, str]:
         except ValueError as exc:
             raise DatasetError(f"dataset: {where} line {n} is not JSON: {exc}") from exc
         caption = row.get("text", row.get("caption")) if isinstance(row, dict) else None
-        if not isinstance(caption, str) or "file_name" not in row:
+        if not isinstance(caption, str) or not isinstance(row.get("file_name"), str):
             raise DatasetError(f'dataset: {where} line {n} needs "file_name" and a "text" (or "caption") string')
+        if row["file_name"] not in images:
+            raise DatasetError(f"dataset: {where} line {n} names {row['file_name']!r}, which is not an image "
+                               f"in the folder")
         captions[row["file_name"]] = caption
     return captions
 
@@ -144,7 +159,7 @@ def to_pixels(data: bytes, resolution: int, center_crop: bool, flip: bool = Fals
     """Image bytes -> (3, R, R) float tensor in [-1, 1] (resize the short side, crop, maybe mirror),
     and how it was cut: `original_size` (h, w) and `crop_top_left` (top, left) in resized pixels, as
     SDXL-style micro-conditioning reads them (stored with every latent)."""
-    img = Image.open(io.BytesIO(data)).convert("RGB")
+    img = upright_rgb(Image.open(io.BytesIO(data)))
     original_size = (img.height, img.width)
     top = left = 0
     if center_crop:
@@ -163,6 +178,21 @@ def to_pixels(data: bytes, resolution: int, center_crop: bool, flip: bool = Fals
     array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     pixels = torch.from_numpy(array).permute(2, 0, 1).contiguous()
     return pixels, {"original_size": torch.tensor(original_size), "crop_top_left": torch.tensor((top, left))}
+
+
+def upright_rgb(img: Image.Image) -> Image.Image:
+    """The picture as a viewer shows it, in 8-bit RGB: the first frame of an animation, turned
+    upright by its EXIF orientation (phones store it sideways), 16-bit greys scaled to 8 bits
+    (`convert` would clip them to white) and transparent pixels on white (not whatever colour
+    they happen to hold)."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I"):  # I;16* and I: 16-bit values
+        grey = np.asarray(img, dtype=np.float64) / 257
+        img = Image.fromarray(grey.round().clip(0, 255).astype(np.uint8))
+    if img.has_transparency_data:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    return img.convert("RGB")
 
 
 def read_sample_prompts(cfg: SampleConfig, storage_options: dict[str, Any] | None = None) -> list[str]:

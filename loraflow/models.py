@@ -7,6 +7,7 @@ code path as a real checkpoint.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,7 @@ def resolve_model(cfg: ModelConfig, storage_options: dict[str, Any] | None = Non
     for folder in (*family.text_folders, *family.vae_folders, *family.denoiser_folders):
         if not (root / folder).is_dir():
             raise ValueError(f"model.source: {root} has no {folder}/ folder, needed by family {family.name!r}")
+    check_configs(root, (*family.text_folders, *family.vae_folders, *family.denoiser_folders))
 
     def component(folders: tuple[str, ...]) -> Component:
         return Component(path=str(root), fingerprint=fingerprint_folders(root, list(folders)))
@@ -79,3 +81,20 @@ def resolve_model(cfg: ModelConfig, storage_options: dict[str, Any] | None = Non
         vae=component(family.vae_folders),
         denoiser=component(family.denoiser_folders),
     )
+
+
+def check_configs(root: Path, folders: tuple[str, ...]) -> None:
+    """Every config the model loads from parses, so a corrupt one fails here, named, not in a task."""
+    for path in [root / "model_index.json", *(p for f in folders for p in sorted((root / f).glob("*config.json")))]:
+        try:
+            json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"model.source: {path} is not a readable JSON config ({exc})") from exc
+
+
+def check_resolution(model: ModelRef, resolution: int) -> None:
+    """`dataset.resolution` fits the family's pipeline, checked before any latent is made."""
+    multiple = get_family(model.family).resolution_multiple(model.vae.path)
+    if resolution % multiple:
+        raise ValueError(f"dataset.resolution: {resolution} is not a multiple of {multiple}, "
+                         f"which family {model.family!r} needs")

@@ -52,6 +52,15 @@ class Family:
         return self.encode(text_encoder, [""], settings)[0]
 
     # --- latents --------------------------------------------------------------------------------
+    def vae_scale_factor(self, model_dir: str) -> int:
+        """Pixels per latent along each side, as the family's pipeline computes it from the VAE."""
+        return 2 ** (len(AutoencoderKL.load_config(model_dir, subfolder="vae")["block_out_channels"]) - 1)
+
+    def resolution_multiple(self, model_dir: str) -> int:
+        """What `dataset.resolution` must be a multiple of for the family's pipeline to sample at
+        it (its `check_inputs`) and for training latents to have the shape sampling makes."""
+        raise NotImplementedError
+
     # A KL VAE unless the family says otherwise; its distribution's mode, so latents are deterministic.
     def load_vae(self, model_dir: str, device: torch.device) -> torch.nn.Module:
         return AutoencoderKL.from_pretrained(model_dir, subfolder="vae").to(device).eval()

@@ -46,6 +46,10 @@ class Flux(Family):
             embeds = pipe.text_encoder_2(t5.input_ids.to(pipe.text_encoder_2.device), attention_mask=mask)[0]
         return [{"prompt_embeds": e.cpu(), "pooled_prompt_embeds": p.cpu()} for e, p in zip(embeds, pooled)]
 
+    def resolution_multiple(self, model_dir):
+        # Latents are packed 2x2 into tokens; the pipeline would silently resize anything else.
+        return self.vae_scale_factor(model_dir) * 2
+
     def load_denoiser(self, model_dir):
         return FluxTransformer2DModel.from_pretrained(model_dir, subfolder="transformer")
 

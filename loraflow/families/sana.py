@@ -8,6 +8,8 @@ scheduler's shift applied to uniformly drawn sigmas, target `noise - x0`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
@@ -53,6 +55,14 @@ class Sana(Family):
 
     def load_vae(self, model_dir, device):
         return AutoencoderDC.from_pretrained(model_dir, subfolder="vae").to(device).eval()
+
+    def vae_scale_factor(self, model_dir):
+        # A DC-AE (32x in real checkpoints): its encoder's blocks, as SanaPipeline counts them.
+        return 2 ** (len(AutoencoderDC.load_config(model_dir, subfolder="vae")["encoder_block_out_channels"]) - 1)
+
+    def resolution_multiple(self, model_dir):
+        # check_inputs wants height % 32, whatever the VAE.
+        return math.lcm(32, self.vae_scale_factor(model_dir))
 
     def encode_images(self, vae, pixels):
         with torch.no_grad():

@@ -6,6 +6,8 @@ classifier-free guidance when no negative prompt is given).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from diffusers import (
@@ -41,6 +43,10 @@ class StableDiffusion(Family):
         with torch.no_grad():
             embeds = encoder(ids.to(encoder.device))[0]
         return [{"prompt_embeds": e.cpu()} for e in embeds]
+
+    def resolution_multiple(self, model_dir):
+        # check_inputs wants height % 8; the VAE needs whole latent pixels (8 for real models too).
+        return math.lcm(8, self.vae_scale_factor(model_dir))
 
     def load_denoiser(self, model_dir):
         return UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")

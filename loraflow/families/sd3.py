@@ -39,6 +39,11 @@ class StableDiffusion3(Family):
                 max_sequence_length=settings.max_length or self.default_max_length)
         return [{"prompt_embeds": e.cpu(), "pooled_prompt_embeds": p.cpu()} for e, p in zip(embeds, pooled)]
 
+    def resolution_multiple(self, model_dir):
+        # check_inputs: height % (vae_scale_factor * patch_size).
+        patch = SD3Transformer2DModel.load_config(model_dir, subfolder="transformer")["patch_size"]
+        return self.vae_scale_factor(model_dir) * patch
+
     def load_denoiser(self, model_dir):
         return SD3Transformer2DModel.from_pretrained(model_dir, subfolder="transformer")
 

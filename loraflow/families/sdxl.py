@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline
+from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
 from loraflow.families.base import DTYPES, Cond, with_pooled
 from loraflow.families.sd import StableDiffusion, add_noise
@@ -38,8 +38,7 @@ class StableDiffusionXL(StableDiffusion):
 
     def load_noise_schedule(self, model_dir):
         # time_ids' target size is in pixels: the latent's size times the VAE's downsampling.
-        vae = AutoencoderKL.load_config(model_dir, subfolder="vae")
-        return super().load_noise_schedule(model_dir), 2 ** (len(vae["block_out_channels"]) - 1)
+        return super().load_noise_schedule(model_dir), self.vae_scale_factor(model_dir)
 
     def training_loss(self, denoiser, schedule, batch, cond, generator, hp):
         scheduler, vae_scale_factor = schedule
