@@ -16,7 +16,7 @@ import fsspec
 import numpy as np
 import torch
 from fsspec.core import url_to_fs
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel
 
 from loraflow.builtin import BUILTIN_PREFIX, cache_root
@@ -58,6 +58,8 @@ def load_dataset(cfg: DatasetConfig, storage_options: dict[str, Any] | None = No
         fs, root = url_to_fs(source, **(storage_options or {}))
         fs.invalidate_cache(root)  # a long-lived process must see images added since its last listing
         listing = {info["name"].rstrip("/").rsplit("/", 1)[-1]: info for info in fs.ls(root, detail=True)}
+    except FileNotFoundError as exc:
+        raise DatasetError(f"dataset.source: {source!r} does not exist") from exc
     except Exception as exc:
         raise DatasetError(f"dataset.source: cannot list {source!r}: {type(exc).__name__}: {exc}") from exc
     root = root.rstrip("/")
@@ -146,6 +148,8 @@ def check_image(data: bytes, url: str) -> None:
             img.verify()
         with Image.open(io.BytesIO(data)) as img:
             img.load()
+    except UnidentifiedImageError as exc:  # its message names a BytesIO, not the file
+        raise DatasetError(f"dataset: {url} is not an image in any format Pillow reads") from exc
     except Exception as exc:
         raise DatasetError(f"dataset: {url} is not a readable image ({exc})") from exc
 
