@@ -427,6 +427,11 @@ def test_pixel_modes_read_as_a_viewer_shows_them():
     pixels = {name: (to_pixels(data, 32, center_crop=False)[0] + 1) * 127.5 for name, data in images.items()}
     grey = pixels["grey.png"]
     assert (pixels["grey16.png"] - grey).abs().max() <= 1  # scaled to 8 bits, not clipped to white
+    # Some Pillow versions open 16-bit greys in mode I (32-bit ints); every version opens this TIFF so.
+    grey32 = io.BytesIO()
+    Image.open(io.BytesIO(images["grey16.png"])).convert("I").save(grey32, format="TIFF")
+    assert Image.open(grey32).mode == "I"
+    assert ((to_pixels(grey32.getvalue(), 32, center_crop=False)[0] + 1) * 127.5 - grey).abs().max() <= 1
     assert (pixels["animated.gif"] - pixels["palette.png"]).abs().mean() < 8  # the first frame, not the mirrored one
     # Transparent pixels are shown on white: half-transparent red lies between red and white.
     red = pixels["rgba.png"][:, 4, 4]
