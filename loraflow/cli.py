@@ -98,15 +98,22 @@ def config_problem(exc: Exception) -> str:
     from pydantic import ValidationError
 
     if isinstance(exc, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+        return "; ".join(_field_problem(e) for e in exc.errors())
     return one_line(exc)
+
+
+def _field_problem(error: dict) -> str:
+    """`field: what is wrong`. A whole-config check has no field of its own; its message names them."""
+    message = error["msg"].removeprefix("Value error, ")
+    field = ".".join(map(str, error["loc"]))
+    return f"{field}: {message}" if field else message
 
 
 def log_to_file(debug: bool):
     """Everything goes to a log file; the terminal gets progress, and errors only as one line.
     Returns the file and a function that undoes this (for callers of `main` in one process)."""
-    """Everything goes to a log file; the terminal gets progress, and errors only as one line."""
     from prefect.logging.configuration import setup_logging
+    from prefect.logging.formatters import PrefectFormatter
 
     from loraflow.builtin import cache_root
 
@@ -116,7 +123,10 @@ def log_to_file(debug: bool):
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"run-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
     handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"))
+    start = "%(asctime)s | %(levelname)-7s | "
+    handler.setFormatter(PrefectFormatter(  # names the flow run and task run, as on the terminal
+        f"{start}%(name)s - %(message)s", flow_run_fmt=f"{start}Flow run %(flow_run_name)r - %(message)s",
+        task_run_fmt=f"{start}Task run %(task_run_name)r - %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
     logging.getLogger("loraflow").setLevel(logging.INFO)

@@ -19,7 +19,7 @@ from fsspec.core import url_to_fs
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel
 
-from loraflow.builtin import BUILTIN_PREFIX, cache_root
+from loraflow.builtin import BUILTIN_PREFIX, build_once, cache_root
 from loraflow.config import DatasetConfig, SampleConfig
 from loraflow.digests import digests, remote_stamp
 from loraflow.hashing import sha256_bytes
@@ -251,8 +251,4 @@ def generate_shapes(folder, variants: int = 2) -> None:
 def builtin_dataset(name: str) -> str:
     if name != "shapes":
         raise DatasetError(f"dataset.source: unknown built-in dataset {name!r}; known: shapes")
-    folder = cache_root() / "datasets" / "shapes-v2"
-    if not (folder / "DONE").exists():
-        generate_shapes(folder)
-        (folder / "DONE").write_text("")
-    return str(folder)
+    return str(build_once(cache_root() / "datasets" / "shapes-v3", generate_shapes))

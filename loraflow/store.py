@@ -19,6 +19,7 @@ here ever unpickles. Prefect's cache records live in the store too (`StoreRecord
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from fsspec.asyn import AsyncFileSystem
 from fsspec.core import url_to_fs
+from prefect.exceptions import ObjectAlreadyExists
 from prefect.filesystems import WritableFileSystem
 from pydantic import BaseModel, PrivateAttr
 from safetensors.torch import load as load_safetensors
@@ -34,6 +36,10 @@ from safetensors.torch import save as save_safetensors
 from loraflow.digests import digests, remote_stamp
 from loraflow.hashing import sha256_bytes
 from loraflow.sealed import seal, sealed_key
+
+
+PARTIAL = ".tmp-"  # in the name of a file being written; it never counts as an object
+STALE_PARTIAL_S = 3600  # a temporary file untouched this long belongs to a write that was killed
 
 
 class ArtifactMissing(Exception):
@@ -133,6 +139,7 @@ class Store:
         for kind in sorted({ref.path.split("/")[1] for ref in refs}):
             self.fs.invalidate_cache(self.abs(f"objects/{kind}"))  # other runs may have written since
             found = self.fs.find(self.abs(f"objects/{kind}"), detail=True)
+            self.sweep_partial(found)
             listing.update({self.fs._strip_protocol(path): info for path, info in found.items()})
         known = digests()
         bad = []
@@ -161,12 +168,34 @@ class Store:
 
     # --- plain files ---------------------------------------------------------------------------
     def write_atomic(self, rel: str, data: bytes) -> None:
+        """Write `rel` whole or not at all. A failed write (a full disk, a lost connection, a
+        signal) removes its temporary file and raises `StoreError` naming the object."""
         final = self.abs(rel)
-        tmp = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
-        parent = final.rsplit("/", 1)[0]
-        self.fs.makedirs(parent, exist_ok=True)
-        self.fs.pipe_file(tmp, data)
-        self.fs.mv(tmp, final)
+        tmp = f"{final}{PARTIAL}{uuid.uuid4().hex[:12]}"
+        try:
+            self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, final)
+        except BaseException as exc:
+            try:
+                self.fs.rm_file(tmp)
+            except Exception:
+                pass  # never written, or the filesystem is gone: `sweep_partial` removes it later
+            if isinstance(exc, OSError):
+                reason = exc.strerror or f"{type(exc).__name__}: {exc}"
+                raise StoreError(f"store: cannot write {self.url_of(rel)}: {reason}") from exc
+            raise
+
+    def sweep_partial(self, listing: dict[str, dict]) -> None:
+        """Remove temporary files in `listing` (an fsspec detail listing) left by writes that were
+        killed, once untouched for `STALE_PARTIAL_S`: a write still in progress keeps its file fresh."""
+        now = time.time()
+        for path, info in listing.items():
+            if PARTIAL in path.rsplit("/", 1)[-1] and now - _modified(info) > STALE_PARTIAL_S:
+                try:
+                    self.fs.rm_file(path)
+                except FileNotFoundError:
+                    pass  # another run swept it first
 
     def delete(self, rel: str) -> None:
         if self.fs.exists(self.abs(rel)):
@@ -180,7 +209,15 @@ class Store:
         the store URL and nothing else; the credentials stay in this process.
         """
         records = StoreRecords(url=self.url)
-        records.save("loraflow-records-" + sha256_bytes(self.url.encode())[:16], overwrite=True)
+        name = "loraflow-records-" + sha256_bytes(self.url.encode())[:16]
+        for attempt in range(5):
+            try:
+                records.save(name, overwrite=True)
+                break
+            except ObjectAlreadyExists:  # another run registered the block type or document first
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
         records._store = self
         return records
 
@@ -212,6 +249,14 @@ class StoreRecords(WritableFileSystem):
 
     async def awrite_path(self, path: str, content: bytes) -> str:
         return self.write_path(path, content)
+
+
+def _modified(info: dict) -> float:
+    """Seconds since the epoch at which a listed file last changed (local `mtime`, S3 `LastModified`)."""
+    stamp = info.get("mtime", info.get("LastModified", info.get("last_modified")))
+    if stamp is None:
+        return time.time()  # unknown: never old enough to sweep
+    return stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
 
 
 def safetensors_metadata(data: bytes) -> dict[str, str]:

@@ -28,7 +28,7 @@ def test_samples_take_the_colour_their_prompt_names(tmp_path):
         tmp_path / "store", data,
         encoder={"max_length": 16},
         train={"method": "full", "steps": 600, "checkpoint_every": 600, "batch_size": 8, "learning_rate": 1e-3},
-        sample={"prompts": [f"a {c} circle" for c in COLOURS], "steps": 20, "guidance_scale": 5.0, "images_per_prompt": 2},
+        sample={"prompts": [f"a {c} circle" for c in COLOURS], "steps": 20, "guidance_scale": 5.0, "images_per_prompt": 4},
     )
     report, states = run(cfg)
     assert states["train"] == "Completed"
@@ -42,14 +42,15 @@ def test_samples_take_the_colour_their_prompt_names(tmp_path):
             decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample.clamp(-1, 1)
         reference[colour] = chroma(((decoded + 1) * 127.5).mean((0, 2, 3)).numpy())
 
-    votes = {}
+    # Where each sample's prompt colour ranks among the four by distance to the sample's colour.
+    # Misaligned pairs give colours unrelated to prompts (mean rank 2.5). The tiny model learns
+    # colour roughly and red and yellow lie close through its VAE, so one near miss is allowed, not
+    # a far one. Over train seeds 0-2 the mean rank was 1.25-1.5 and no sample ranked below 2nd.
+    ranks = []
     for url in report.samples:
         image = Image.open(url)
         mean = chroma(np.asarray(image.convert("RGB"), dtype=np.float32).reshape(-1, 3).mean(0))
-        nearest = min(COLOURS, key=lambda c: np.linalg.norm(mean - reference[c]))
-        colour = image.text["prompt"].split()[1]
-        votes.setdefault(colour, []).append(nearest == colour)
-    right = [c for c, v in votes.items() if sum(v) > len(v) / 2]
-    assert len(votes) == len(COLOURS)
-    assert len(right) >= len(COLOURS) - 1, votes
-
+        nearest_first = sorted(COLOURS, key=lambda c: np.linalg.norm(mean - reference[c]))
+        ranks.append(nearest_first.index(image.text["prompt"].split()[1]) + 1)
+    assert len(ranks) == 4 * len(COLOURS)
+    assert max(ranks) <= 2 and np.mean(ranks) <= 1.5, sorted(ranks)
