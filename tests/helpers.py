@@ -1,11 +1,20 @@
-"""Running the real flow and reading Prefect's own task-run states back from its API."""
+"""Running the real flow (in this process or as `loraflow run`), reading Prefect's own task-run
+states back from its API, and looking into stores."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.settings import PREFECT_API_URL
 
 from flows.finetune import finetune
 from loraflow.config import RunConfig
@@ -60,7 +69,67 @@ def report_states(path: Path) -> dict[str, str]:
     return {TASK_RUN_NAMES[r.label]: r.state for r in report.tasks}
 
 
+def session_env(**extra: str) -> dict[str, str]:
+    """This process's environment, pointed at the test session's Prefect server, plus `extra`."""
+    return {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), **extra}
+
+
+def start_cli(config: RunConfig, folder: Path, name: str, env: dict[str, str] | None = None,
+              **popen) -> subprocess.Popen:
+    """`loraflow run` in a process of its own (against the session's server unless `env` says
+    otherwise), its config in `<name>.yaml` and its report in `<name>.json`."""
+    (folder / f"{name}.yaml").write_text(json.dumps(config.model_dump()))
+    return subprocess.Popen(
+        [sys.executable, "-m", "loraflow.cli", "run", "--config", str(folder / f"{name}.yaml"),
+         "--report", str(folder / f"{name}.json")],
+        env=env or session_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def snapshot(store: Path, under: str = "") -> dict[str, str]:
+    """sha256 of every file in a store (or in its folder `under`), by path; run reports left out."""
+    return {str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted((store / under).rglob("*")) if p.is_file() and "reports" not in p.parts}
+
+
+def stored_latents(cfg: RunConfig) -> list[dict]:
+    """The latent objects a run used, read back from its store by their keys."""
+    from loraflow.dataset import load_dataset
+    from loraflow.models import resolve_model
+    from loraflow.store import Store
+    from tasks.latent_cache import latent_key
+
+    store = Store(cfg.store)
+    model = resolve_model(cfg.model)
+    keys = [latent_key(model.family, model.vae, image, cfg.dataset.resolution, cfg.dataset.center_crop, cfg.dataset.flip)
+            for image in load_dataset(cfg.dataset)]
+    return [store.read_tensors(store.find("latents", key, "safetensors")) for key in keys]
+
+
 def row(report: Report, stage: str):
     name = {v: k for k, v in TASK_RUN_NAMES.items()}[stage]
     (match,) = [r for r in report.tasks if r.label == name]
     return match
+
+
+@contextmanager
+def mounted(folder: Path, options: str):
+    """A tmpfs mounted on `folder` for the block (`options` as for `mount -o`), e.g. a small disk
+    that fills up, or one remounted read-only. Skips the test where mounting is not allowed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def remount(folder: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(folder)], check=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -10,12 +9,7 @@ import pytest
 
 from flows.finetune import finetune
 from loraflow.dataset import generate_shapes
-from tests.helpers import run, small_config
-
-
-def snapshot(store: Path) -> dict[str, str]:
-    return {str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(store.rglob("*")) if p.is_file() and "reports" not in p.parts}
+from tests.helpers import run, small_config, snapshot
 
 
 @pytest.fixture(scope="module")

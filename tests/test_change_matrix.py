@@ -20,11 +20,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from loraflow.builtin import builtin_path
-from loraflow.dataset import draw_shape, load_dataset
-from loraflow.models import resolve_model
-from loraflow.store import Store
-from tasks.latent_cache import latent_key
-from tests.helpers import FAMILIES, STAGES, report_states, row, run, small_config
+from loraflow.dataset import draw_shape
+from tests.helpers import FAMILIES, STAGES, report_states, row, run, small_config, stored_latents
 
 C, R = "Cached", "Completed"
 ALL = pytest.mark.parametrize("baseline", FAMILIES, indirect=True)  # rows that hold for every family
@@ -270,15 +267,6 @@ def test_sdxl_crop_coordinates_reach_time_ids(baseline, tmp_path, monkeypatch):
         expected = {(*t["original_size"].tolist(), *t["crop_top_left"].tolist(), resolution, resolution) for t in stored}
         assert set(seen) == expected
         assert ((64, 96, 0, 8, 32, 32) in expected) == center_crop  # the wide image, resized to 48x32
-
-
-def stored_latents(cfg) -> list[dict[str, torch.Tensor]]:
-    """The latent objects a run used, read back from its store by their keys."""
-    store = Store(cfg.store)
-    model = resolve_model(cfg.model)
-    keys = [latent_key(model.family, model.vae, image, cfg.dataset.resolution, cfg.dataset.center_crop, cfg.dataset.flip)
-            for image in load_dataset(cfg.dataset)]
-    return [store.read_tensors(store.find("latents", key, "safetensors")) for key in keys]
 
 
 @pytest.mark.parametrize("baseline", ["sd3"], indirect=True)

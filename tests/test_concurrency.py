@@ -5,33 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 
-from prefect.settings import PREFECT_API_URL
-
 from loraflow.builtin import builtin_path
-from tests.helpers import small_config, task_states
+from tests.helpers import finish, session_env, small_config, start_cli, task_states
 
 STAGES = ["captions", "prompts", "null", "latents", "train", "sample"]
-
-
-def start_cli(config, tmp_path, name: str, **env_extra: str) -> subprocess.Popen:
-    """`loraflow run` in its own process, against the session's Prefect server."""
-    (tmp_path / f"{name}.yaml").write_text(json.dumps(config.model_dump()))
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), **env_extra}
-    return subprocess.Popen(
-        [sys.executable, "-m", "loraflow.cli", "run", "--config", str(tmp_path / f"{name}.yaml"),
-         "--report", str(tmp_path / f"{name}.json")],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish(proc: subprocess.Popen) -> str:
-    out, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, out[-4000:]
-    return out
 
 
 def test_two_runs_started_together_compute_each_stage_once(shapes, tmp_path):
@@ -39,7 +19,7 @@ def test_two_runs_started_together_compute_each_stage_once(shapes, tmp_path):
     cfg = small_config(tmp_path / "store", shapes, train={"steps": 300, "checkpoint_every": 100})
     builtin_path("tiny-sd")  # built once here, not by both runs at once
     # Two torch processes on a small machine: one thread each, or OpenMP's spinning threads starve both.
-    runs = [start_cli(cfg, tmp_path, name, LORAFLOW_LOCK_LEASE_SECONDS="1", OMP_NUM_THREADS="1")
+    runs = [start_cli(cfg, tmp_path, name, session_env(LORAFLOW_LOCK_LEASE_SECONDS="1", OMP_NUM_THREADS="1"))
             for name in ("a", "b")]
     for proc in runs:
         finish(proc)
@@ -63,7 +43,7 @@ def test_lock_of_a_killed_run_expires(shapes, tmp_path):
     one lease for it, then trains (resuming from the killed run's checkpoint)."""
     lease = "3"
     cfg = small_config(tmp_path / "store", shapes, train={"steps": 400, "checkpoint_every": 10})
-    first = start_cli(cfg, tmp_path, "killed", LORAFLOW_LOCK_LEASE_SECONDS=lease)
+    first = start_cli(cfg, tmp_path, "killed", session_env(LORAFLOW_LOCK_LEASE_SECONDS=lease))
     checkpoints = tmp_path / "store" / "objects" / "checkpoints"
     deadline = time.monotonic() + 600
     while not any(checkpoints.rglob("*.sha256")):  # training has started and holds its lock
@@ -75,7 +55,7 @@ def test_lock_of_a_killed_run_expires(shapes, tmp_path):
     held = [json.loads(open(os.path.join(lock_dir, f)).read()) for f in os.listdir(lock_dir) if f.endswith(".lock")]
     assert held and all(lock["expiration"] for lock in held)  # left behind, with an expiry
 
-    second = start_cli(cfg, tmp_path, "next", LORAFLOW_LOCK_LEASE_SECONDS=lease)
+    second = start_cli(cfg, tmp_path, "next", session_env(LORAFLOW_LOCK_LEASE_SECONDS=lease))
     out = finish(second)
     assert "resuming from step" in out
     states = task_states(json.loads((tmp_path / "next.json").read_text())["flow_run_id"])

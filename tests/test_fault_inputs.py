@@ -20,9 +20,8 @@ from PIL import Image
 from loraflow.builtin import builtin_path
 from loraflow.cli import main
 from loraflow.dataset import COLOURS, SHAPES, generate_shapes, to_pixels
-from tests.helpers import run, small_config
-from tests.test_bad_input import snapshot
-from tests.test_change_matrix import stored_latents
+from loraflow.store import PARTIAL
+from tests.helpers import mounted, remount, run, small_config, snapshot, stored_latents
 
 pytestmark = pytest.mark.fault
 
@@ -266,16 +265,40 @@ def test_store_with_unknown_protocol(capfd, ws):
           "nosuchprotocol://bucket/store")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through directory permissions")
 def test_read_only_store(capfd, ws):
-    folders = [ws / "store", *(p for p in (ws / "store").rglob("*") if p.is_dir())]
-    for folder in folders:
-        folder.chmod(0o555)
-    try:
-        fails(capfd, ws, config(ws, train={"learning_rate": 0.5}), RUN_FAILED, "store", str(ws / "store"))
-    finally:
-        for folder in folders:
-            folder.chmod(0o755)
+    """A store on a filesystem mounted read-only (as root, permissions alone would not stop a write)."""
+    with mounted(ws / "ro", "size=16m"):
+        shutil.copytree(ws / "store", ws / "ro" / "store")
+        remount(ws / "ro", "ro")
+        before = snapshot(ws / "ro" / "store")
+        fails(capfd, ws, config(ws, store=str(ws / "ro" / "store"), train={"learning_rate": 0.5}), RUN_FAILED,
+              "store", str(ws / "ro" / "store"))
+        assert snapshot(ws / "ro" / "store") == before
+
+
+def test_full_disk_names_the_object_and_the_next_run_reuses_what_was_stored(capfd, stored, ws):
+    """A store on a disk with room for about half of a run: the run fails with one line naming the
+    object it could not write and the reason, leaves no temporary file, and once there is room the
+    next run reuses everything the failed one stored and ends with the same weights as a run that
+    never failed."""
+    room = sum(p.stat().st_size for p in (stored / "store").rglob("*") if p.is_file()) // 2
+    with mounted(ws / "disk", f"size={max(room, 64 * 1024)}"):
+        store = ws / "disk" / "store"
+        (ws / "run.yaml").write_text(yaml.safe_dump(config(ws, store=str(store))))
+        capfd.readouterr()
+        rc = main(["run", "--config", str(ws / "run.yaml")])
+        out, err = capfd.readouterr()
+        clear_failure(out, err, rc, RUN_FAILED, "No space left on device", f"store: cannot write {store}/")
+        assert not list(store.rglob(f"*{PARTIAL}*")), "temporary files left behind"
+        kept = {path: digest for path, digest in snapshot(store).items() if path.startswith("objects/")}
+        assert kept, "the failed run stored nothing before the disk filled"
+
+        remount(ws / "disk", "size=64m")
+        assert main(["run", "--config", str(ws / "run.yaml"), "--report", str(ws / "report.json")]) == 0
+        assert {path: snapshot(store)[path] for path in kept} == kept  # reused as they were
+    report = json.loads((ws / "report.json").read_text())
+    assert sum(row["reused"] for row in report["tasks"]) > 0, report["tasks"]
+    assert Path(report["weights"]).name == next((stored / "store" / "objects" / "weights").rglob("*.safetensors")).name
 
 
 # --- the model ----------------------------------------------------------------------------------

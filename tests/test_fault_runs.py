@@ -6,48 +6,28 @@ outcome from the store, the run reports and Prefect's task-run states.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from prefect.settings import PREFECT_API_URL
 
-from loraflow.builtin import builtin_path
 from loraflow.dataset import generate_shapes
-from tests.helpers import report_states, run, small_config
+from tests.helpers import STAGES, report_states, run, session_env, small_config, snapshot, start_cli
 
 pytestmark = pytest.mark.fault
 
-STAGES = ["captions", "prompts", "null", "latents", "train", "sample"]
 SAMPLE_PROMPTS = [f"a red circle, take {i}" for i in range(12)]
 TRAIN = {"steps": 60, "checkpoint_every": 10, "batch_size": 4}
 
 
-def cli(config, folder: Path, name: str, env: dict[str, str], **popen) -> subprocess.Popen:
-    """`loraflow run` in a process of its own, writing its report to `<name>.json`."""
-    (folder / f"{name}.yaml").write_text(json.dumps(config.model_dump()))
-    return subprocess.Popen(
-        [sys.executable, "-m", "loraflow.cli", "run", "--config", str(folder / f"{name}.yaml"),
-         "--report", str(folder / f"{name}.json")],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
-
-
 def objects(store: Path, kind: str) -> int:
     return len(list((store / "objects" / kind).glob("*/*.sha256")))
-
-
-def digests(store: Path) -> dict[str, str]:
-    """sha256 of every object in a store, by path."""
-    return {str(p.relative_to(store)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted((store / "objects").rglob("*")) if p.is_file()}
 
 
 # --- Ctrl-C and SIGTERM -------------------------------------------------------------------------
@@ -60,7 +40,7 @@ def busy(tmp_path_factory):
     for n, caption in enumerate(sorted((root / "data").glob("*.txt"))):
         caption.write_text(f"{caption.read_text().strip()}, picture {n}\n")
     reference, _ = run(busy_config(root / "reference", root / "data"))
-    return root, digests(root / "reference"), Path(reference.weights).name
+    return root, snapshot(root / "reference", "objects"), Path(reference.weights).name
 
 
 def busy_config(store: Path, data: Path):
@@ -91,9 +71,9 @@ def test_interrupted_stage_exits_quickly_and_next_run_resumes(busy, tmp_path, st
     root, reference, reference_weights = busy
     store = tmp_path / "store"
     cfg = busy_config(store, root / "data")
-    # Against the session's server, one thread (this process polls the store meanwhile).
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "OMP_NUM_THREADS": "1"}
-    proc = cli(cfg, tmp_path, "interrupted", env)
+    # Against the session's server. With as many threads as this process's runs: float sums split
+    # over another number of threads round differently, and the weights are compared bit for bit.
+    proc = start_cli(cfg, tmp_path, "interrupted", session_env())
     while not STAGE_STARTED[stage](store):
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         time.sleep(0.01)
@@ -112,7 +92,7 @@ def test_interrupted_stage_exits_quickly_and_next_run_resumes(busy, tmp_path, st
     report, states = run(cfg)
     assert set(states.values()) <= {"Completed", "Cached"}
     assert Path(report.weights).name == reference_weights
-    assert digests(store) == reference
+    assert snapshot(store, "objects") == reference
 
 
 def log_of(cli_output: str) -> str:
@@ -128,7 +108,7 @@ def test_ctrl_c_in_a_terminal_stops_the_run_and_its_embedded_server(busy, tmp_pa
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), OMP_NUM_THREADS="1")
     cfg = busy_config(tmp_path / "store", root / "data")
-    proc = cli(cfg, tmp_path, "terminal", env, start_new_session=True)  # its own process group, as in a shell
+    proc = start_cli(cfg, tmp_path, "terminal", env, start_new_session=True)  # its own process group, as in a shell
     while not STAGE_STARTED["train"](tmp_path / "store"):
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         time.sleep(0.01)
@@ -161,7 +141,7 @@ def test_four_runs_started_together(tmp_path, round_):
         cfg = small_config(store, "builtin:shapes")
         folder = tmp_path / machine
         folder.mkdir()
-        runs = [cli(cfg, folder, f"run{i}", env) for i in range(4)]
+        runs = [start_cli(cfg, folder, f"run{i}", env) for i in range(4)]
         outputs = [proc.communicate(timeout=900)[0] for proc in runs]
         for proc, out in zip(runs, outputs):
             assert proc.returncode == 0, f"{machine}: {out[-3000:]}"
@@ -184,5 +164,5 @@ def test_four_runs_started_together(tmp_path, round_):
         completed = Counter(stage for i in range(4) for stage, state in report_states(folder / f"run{i}.json").items()
                             if state == "Completed")
         assert completed == Counter(STAGES), completed
-    assert digests(tmp_path / "cold" / "store") == digests(tmp_path / "warm" / "store")
+    assert snapshot(tmp_path / "cold" / "store", "objects") == snapshot(tmp_path / "warm" / "store", "objects")
     shutil.rmtree(tmp_path / "home", ignore_errors=True)

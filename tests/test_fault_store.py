@@ -21,8 +21,7 @@ import pytest
 from loraflow.dataset import generate_shapes
 from loraflow.manifests import Embeddings, Latents, NullEmbedding, Samples, Weights
 from tasks.caching import MAX_RECORD_BYTES, read_manifest
-from tests.helpers import STAGES, row, run, small_config
-from tests.test_concurrency import finish, start_cli
+from tests.helpers import STAGES, finish, row, run, session_env, small_config, start_cli
 
 pytestmark = pytest.mark.fault
 
@@ -119,7 +118,7 @@ def test_two_processes_write_the_same_bytes(clean, tmp_path):
     stores = []
     for name in ("one", "two"):  # one after the other: two cores
         run_cfg = cfg.model_copy(update={"store": str(tmp_path / name / "store")})
-        finish(start_cli(run_cfg, tmp_path, name, LORAFLOW_HOME=str(tmp_path / name / "home"), OMP_NUM_THREADS="1"))
+        finish(start_cli(run_cfg, tmp_path, name, session_env(LORAFLOW_HOME=str(tmp_path / name / "home"), OMP_NUM_THREADS="1")))
         stores.append(objects(run_cfg.store))
     kinds = {path.split("/")[0] for path in stores[0]}
     assert kinds == {"embeddings", "null", "latents", "weights", "checkpoints", "samples"}
