@@ -7,13 +7,17 @@ not a download. Any rewrite changes the stamp (S3 gives a new ETag; a local rewr
 so a changed file is always re-read.
 
 The table lives in `LORAFLOW_HOME/digests.sqlite`, shared by concurrent runs on one machine. A
-fresh machine simply has no entries and reads everything once.
+fresh machine simply has no entries and reads everything once. The store enters every object it
+writes (`Store.put`), so what this machine wrote is known-good without being read back.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,27 +51,54 @@ def hash_file(path: Path) -> str:
 
 
 class Digests:
-    def __init__(self, path: Path | None = None):
-        self.path = path or cache_root() / "digests.sqlite"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS digests (stamp TEXT PRIMARY KEY, sha256 TEXT NOT NULL)")
+    """The table: one connection per process (shared by its threads), lookups and inserts in
+    batches of any size, and rows not re-verified for `KEEP_DAYS` pruned when a process opens it."""
 
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=60)
+    KEEP_DAYS = 30  # a row unused this long costs one re-read of its file, at most once a month
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, timeout=60, check_same_thread=False, isolation_level=None)
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")  # readers never wait for a writer
+            self._db.execute("CREATE TABLE IF NOT EXISTS digests_v2 "
+                             "(stamp TEXT PRIMARY KEY, sha256 TEXT NOT NULL, verified REAL NOT NULL)")
+            self._db.execute("DROP TABLE IF EXISTS digests")  # v1: no verification time, cannot be pruned
+            self._db.execute("DELETE FROM digests_v2 WHERE verified < ?", (time.time() - self.KEEP_DAYS * 86400,))
 
     def get(self, stamp: str | None) -> str | None:
-        if stamp is None:
-            return None
-        with self._connect() as db:
-            row = db.execute("SELECT sha256 FROM digests WHERE stamp = ?", (stamp,)).fetchone()
-        return row[0] if row else None
+        return self.get_many([stamp]).get(stamp) if stamp else None
+
+    def get_many(self, stamps: list[str | None]) -> dict[str, str]:
+        """{stamp: sha256} for the stamps seen before (None stamps never are)."""
+        wanted = [s for s in dict.fromkeys(stamps) if s]
+        found: dict[str, str] = {}
+        with self._lock:
+            for start in range(0, len(wanted), BATCH):
+                chunk = wanted[start:start + BATCH]
+                query = f"SELECT stamp, sha256 FROM digests_v2 WHERE stamp IN ({','.join('?' * len(chunk))})"
+                found.update(self._db.execute(query, chunk).fetchall())
+        return found
 
     def put(self, stamp: str | None, sha256: str) -> None:
-        if stamp is None:
+        self.put_many([(stamp, sha256)])
+
+    def put_many(self, pairs: list[tuple[str | None, str]]) -> None:
+        """Remember many (stamp, sha256) pairs in one transaction."""
+        now = time.time()
+        rows = [(stamp, sha256, now) for stamp, sha256 in pairs if stamp]
+        if not rows:
             return
-        with self._connect() as db:
-            db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?)", (stamp, sha256))
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT OR REPLACE INTO digests_v2 VALUES (?, ?, ?)", rows)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def local_file(self, path: Path) -> str:
         """sha256 of a local file, read only if this version of it was never hashed."""
@@ -79,6 +110,15 @@ class Digests:
         return digest
 
 
+BATCH = 500  # stamps per query: under SQLite's limit on bound parameters
+_open: dict[tuple[Path, int], Digests] = {}
+_open_lock = threading.Lock()
+
+
 def digests() -> Digests:
-    """The table for the current LORAFLOW_HOME."""
-    return Digests()
+    """The table for the current LORAFLOW_HOME, opened once per process (a forked child opens its own)."""
+    key = (cache_root() / "digests.sqlite", os.getpid())
+    with _open_lock:
+        if key not in _open:
+            _open[key] = Digests(key[0])
+        return _open[key]

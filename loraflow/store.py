@@ -105,6 +105,8 @@ class Store:
         digest = sha256_bytes(data)
         self.write_atomic(path, data)
         self.write_atomic(path + ".sha256", digest.encode())  # last: marks the object present
+        # Known-good from here on: a later check of this version of the file does not read it back.
+        digests().put(remote_stamp(self.url_of(path), self.fs.info(self.abs(path))), digest)
         return ObjectRef(path=path, key=key, sha256=digest)
 
     def find(self, kind: str, key: str, ext: str) -> ObjectRef | None:
@@ -141,21 +143,27 @@ class Store:
             found = self.fs.find(self.abs(f"objects/{kind}"), detail=True)
             self.sweep_partial(found)
             listing.update({self.fs._strip_protocol(path): info for path, info in found.items()})
-        known = digests()
-        bad = []
+        bad, stamps = [], {}
         for ref in refs:
             info = listing.get(self.fs._strip_protocol(self.abs(ref.path)))
             if info is None:
                 bad.append(ref)
-                continue
-            stamp = remote_stamp(self.url_of(ref.path), info)
+            else:
+                stamps[ref.path] = remote_stamp(self.url_of(ref.path), info)
+        known = digests().get_many(list(stamps.values()))
+        verified = []
+        for ref in refs:
+            if ref.path not in stamps:
+                continue  # not listed: already in `bad`
+            stamp = stamps[ref.path]
             if known.get(stamp) == ref.sha256:
                 continue
             try:
                 self.read(ref)
-                known.put(stamp, ref.sha256)
+                verified.append((stamp, ref.sha256))
             except ArtifactMissing:
                 bad.append(ref)
+        digests().put_many(verified)
         return bad
 
     def put_tensors(self, kind: str, key: str, tensors: dict[str, torch.Tensor],
