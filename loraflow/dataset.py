@@ -83,16 +83,16 @@ def load_dataset(cfg: DatasetConfig, storage_options: dict[str, Any] | None = No
         texts = _cat(fs, root, base, list(txts.values()))  # concurrent on object stores
         captions = {name: _text(texts[txt], f"{base}/{txt}").strip() for name, txt in txts.items()}
 
-    known = digests()
-    stamps = {name: remote_stamp(f"{base}/{name}", listing[name]) for name in names}
-    shas = {name: known.get(_checked(stamps[name])) for name in names}
+    stamps = {name: _checked(remote_stamp(f"{base}/{name}", listing[name])) for name in names}
+    known = digests().get_many(list(stamps.values()))
+    shas = {name: known.get(stamps[name]) for name in names}
     unread = [name for name in names if shas[name] is None]
     if unread:
         data = _cat(fs, root, base, unread)
         for name in unread:
             check_image(data[name], f"{base}/{name}")
             shas[name] = sha256_bytes(data[name])
-            known.put(_checked(stamps[name]), shas[name])
+        digests().put_many([(stamps[name], shas[name]) for name in unread])
     return [ImageItem(name=n, url=f"{base}/{n}", sha256=shas[n], caption=captions[n]) for n in names]
 
 
