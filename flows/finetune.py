@@ -43,7 +43,7 @@ def finetune(cfg: RunConfig = RunConfig()) -> Report:
     null = run(null_embedding, **text) if sample_prompts or cfg.train.caption_dropout > 0 else None
     latents = run(build_latent_cache, images=sorted(images, key=lambda i: i.sha256), family=model.family, vae=model.vae,
                   resolution=cfg.dataset.resolution, center_crop=cfg.dataset.center_crop,
-                  flip=cfg.dataset.flip, store=store)
+                  flip=cfg.dataset.flip, store=store, batch_size=cfg.dataset.encode_batch_size)
     examples = sorted((Example(image=i.name, latent=latents.items[i.sha256], caption=captions.items[i.caption])
                        for i in images), key=lambda e: (e.latent.key, e.caption.key))  # by content, not name
     weights = run(train, family=model.family, denoiser=model.denoiser, examples=examples,

@@ -32,6 +32,9 @@ class DatasetConfig(_Section):
     resolution: int = Field(32, ge=8)
     center_crop: bool = True
     flip: bool = False  # also cache the mirrored latent; training picks one at random
+    # Images per VAE forward pass (None: 8 on a CPU, 16 on a GPU). In no cache key: changing it
+    # re-encodes nothing (see `loraflow.batching`).
+    encode_batch_size: int | None = Field(None, ge=1)
 
 
 class EncoderConfig(_Section):
@@ -39,6 +42,12 @@ class EncoderConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     instruction: str | None = None  # a prefix put before every prompt (e.g. Sana's CHI)
     t5_attention_mask: bool = False  # Flux: T5 attends to the prompt's tokens only, not its padding
+    # Prompts per text-encoder forward pass (None: 8 on a CPU, 64 on a GPU). How the work is cut,
+    # not what an embedding is: left out of every key (`cache_token`).
+    batch_size: int | None = Field(None, ge=1)
+
+    def cache_token(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"batch_size"})
 
 
 class TrainConfig(_Section):

@@ -1,19 +1,31 @@
-"""build-latent-cache: one latent per image, encoding only images not already in the store."""
+"""build-latent-cache: one latent per image, encoding only images not already in the store.
+
+Images are encoded in fixed-shape batches (`loraflow.batching`): an object's bytes depend on its
+key and the batch size, never on which other images share its pass. The next batch is read and
+decoded, and finished latents are written, in worker threads while the VAE runs.
+"""
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
 from accelerate import PartialState
 from prefect import get_run_logger, task
 
+from loraflow.batching import GPU_IMAGE_BATCH, batch_size_for, chunks, padded_pass, prefetched, worker_pool
 from loraflow.dataset import DatasetError, ImageItem, read_image, to_pixels
 from loraflow.families import get_family
 from loraflow.hashing import content_key, sha256_bytes
 from loraflow.manifests import Latents
 from loraflow.models import Component
-from loraflow.store import Store
+from loraflow.store import ObjectRef, Store
 from tasks.caching import ContentKey
 
-# Key: VAE fingerprint, image bytes (sha256), resolution / crop / flip settings.
+# Key: VAE fingerprint, image bytes (sha256), resolution / crop / flip settings. Not the batch
+# size: it changes how the work is cut, not what a latent is.
 CACHE_KEY = ContentKey("family", "vae", "images", "resolution", "center_crop", "flip")
 
 
@@ -21,9 +33,31 @@ def latent_key(family: str, vae: Component, image: ImageItem, resolution: int, c
     return content_key("latent", family, vae, image, resolution, center_crop, flip)
 
 
+@dataclass
+class Cut:
+    """One image read, checked and cut to the VAE's input: pixels (and mirrored pixels when
+    flipping) plus the tensors stored beside its latent (size and crop)."""
+
+    pixels: torch.Tensor
+    mirrored: torch.Tensor | None
+    tensors: dict[str, torch.Tensor]
+
+
+def cut_image(image: ImageItem, resolution: int, center_crop: bool, flip: bool, store: Store) -> Cut:
+    data = read_image(image.url, store.storage_options)
+    if sha256_bytes(data) != image.sha256:
+        raise DatasetError(f"dataset: {image.url} changed while the run was reading it")
+    pixels, tensors = to_pixels(data, resolution, center_crop)
+    mirrored = None
+    if flip:
+        mirrored, cut = to_pixels(data, resolution, center_crop, flip=True)
+        tensors["crop_top_left_flipped"] = cut["crop_top_left"]
+    return Cut(pixels, mirrored, tensors)
+
+
 @task(name="build-latent-cache", task_run_name="build-latent-cache", cache_policy=CACHE_KEY, result_serializer="json")
 def build_latent_cache(images: list[ImageItem], family: str, vae: Component, resolution: int,
-                       center_crop: bool, flip: bool, store: Store) -> Latents:
+                       center_crop: bool, flip: bool, store: Store, batch_size: int | None = None) -> Latents:
     logger = get_run_logger()
     items, todo = {}, []
     for image in {i.sha256: i for i in images}.values():
@@ -34,18 +68,40 @@ def build_latent_cache(images: list[ImageItem], family: str, vae: Component, res
         else:
             todo.append((image, key))
     if todo:
-        fam = get_family(family)
-        model = fam.load_vae(vae.path, PartialState().device)
-        for image, key in todo:  # one at a time: an object's bytes depend on its key alone
-            data = read_image(image.url, store.storage_options)
-            if sha256_bytes(data) != image.sha256:
-                raise DatasetError(f"dataset: {image.url} changed while the run was reading it")
-            pixels, tensors = to_pixels(data, resolution, center_crop)
-            tensors["latent"] = fam.encode_images(model, pixels[None])[0]
-            if flip:
-                mirrored, cut = to_pixels(data, resolution, center_crop, flip=True)
-                tensors["latent_flipped"] = fam.encode_images(model, mirrored[None])[0]
-                tensors["crop_top_left_flipped"] = cut["crop_top_left"]
-            items[image.sha256] = store.put_tensors("latents", key, tensors, metadata={"image": image.name})
+        items.update(encode_latents(todo, family, vae, resolution, center_crop, flip, store, batch_size))
     logger.info("%d latent(s) encoded, %d reused", len(todo), len(items) - len(todo))
     return Latents(items=items, computed=len(todo), reused=len(items) - len(todo))
+
+
+def encode_latents(todo: list[tuple[ImageItem, str]], family: str, vae: Component, resolution: int,
+                   center_crop: bool, flip: bool, store: Store, batch_size: int | None) -> dict[str, ObjectRef]:
+    """Encode and store every (image, key) in `todo`; {image sha256: stored latent}."""
+    fam = get_family(family)
+    device = PartialState().device
+    model = fam.load_vae(vae.path, device)
+    size = batch_size_for(batch_size, device, GPU_IMAGE_BATCH)
+
+    def encode(pixels: list[torch.Tensor]) -> torch.Tensor:
+        return fam.encode_images(model, torch.stack(pixels))
+
+    stored: dict[str, ObjectRef] = {}
+    writes: deque[tuple[str, Future]] = deque()
+    def load(job: tuple[ImageItem, str]) -> Cut:
+        return cut_image(job[0], resolution, center_crop, flip, store)
+
+    with worker_pool() as pool:
+        for batch, cuts in prefetched(pool, chunks(todo, size), load):
+            latents = padded_pass(encode, [c.pixels for c in cuts], size)
+            flipped = padded_pass(encode, [c.mirrored for c in cuts], size) if flip else [None] * len(cuts)
+            for (image, key), cut, latent, mirrored in zip(batch, cuts, latents, flipped):
+                tensors = {**cut.tensors, "latent": latent}
+                if mirrored is not None:
+                    tensors["latent_flipped"] = mirrored
+                writes.append((image.sha256, pool.submit(store.put_tensors, "latents", key, tensors,
+                                                         metadata={"image": image.name})))
+            while len(writes) > 2 * size or (writes and writes[0][1].done()):  # a failed write stops the run here
+                sha, future = writes.popleft()
+                stored[sha] = future.result()
+        for sha, future in writes:
+            stored[sha] = future.result()
+    return stored
