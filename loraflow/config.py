@@ -68,6 +68,12 @@ class TrainConfig(_Section):
     logit_std: float = 1.0
     mode_scale: float = 1.29
     guidance_embedding: float = 3.5  # fed to denoisers that embed a guidance value (FLUX.1-dev)
+    # Memory for latents and caption embeddings read during training (least recently used ones are
+    # dropped and read again when needed). How the data is held, not what is learned: in no key.
+    data_cache_mb: int = Field(2048, ge=1)
+
+    def cache_token(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"data_cache_mb"})
 
 
 class SamplerSettings(_Section):

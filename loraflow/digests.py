@@ -63,6 +63,9 @@ class Digests:
         self._db = sqlite3.connect(path, timeout=60, check_same_thread=False, isolation_level=None)
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")  # readers never wait for a writer
+            # A power cut may lose the last entries (files are then read once more), never corrupt
+            # the table; syncing every commit would cost more than hashing a small object.
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("CREATE TABLE IF NOT EXISTS digests_v2 "
                              "(stamp TEXT PRIMARY KEY, sha256 TEXT NOT NULL, verified REAL NOT NULL)")
             self._db.execute("DROP TABLE IF EXISTS digests")  # v1: no verification time, cannot be pruned

@@ -20,6 +20,7 @@ from loraflow.hashing import content_key
 from loraflow.manifests import Example, NullEmbedding, Weights
 from loraflow.models import Component
 from loraflow.store import Store, safetensors_metadata
+from loraflow.training_data import StoreExamples
 from loraflow.weights import export_weights, import_weights
 from tasks.caching import ContentKey
 
@@ -38,9 +39,8 @@ def train(family: str, denoiser: Component, examples: list[Example], null: NullE
     run_key = CACHE_KEY.key_for("train", dict(family=family, denoiser=denoiser, examples=examples, null=null, hp=same_run))
     fam = get_family(family)
 
-    # Data: everything comes from the store by the refs upstream handed us.
-    latents = [store.read_tensors(e.latent) for e in examples]
-    captions = [store.read_tensors(e.caption) for e in examples]
+    # Data: everything comes from the store by the refs upstream handed us, read as steps need it.
+    data = StoreExamples(store, examples, budget_bytes=hp.data_cache_mb * 2**20)
     if hp.caption_dropout > 0 and null is None:
         raise ValueError("train.caption_dropout > 0 needs the null embedding")
     null_cond = store.read_tensors(null.embedding) if hp.caption_dropout > 0 else None
@@ -66,9 +66,10 @@ def train(family: str, denoiser: Component, examples: list[Example], null: NullE
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=hp.mixed_precision == "bf16")
     for step in range(start, hp.steps):
         batch = torch.randperm(len(examples), generator=generator)[: hp.batch_size].tolist()
-        picked = [pick_latent(latents[i], generator) for i in batch]
+        latents, captions = zip(*data.__getitems__(batch))
+        picked = [pick_latent(latent, generator) for latent in latents]
         x = {name: torch.stack([p[name] for p in picked]).to(device) for name in picked[0]}
-        cond = {name: torch.stack([captions[i][name] for i in batch]) for name in captions[0]}
+        cond = {name: torch.stack([c[name] for c in captions]) for name in captions[0]}
         if null_cond is not None:
             drop = torch.rand(len(batch), generator=generator) < hp.caption_dropout
             for name, value in cond.items():
@@ -84,6 +85,7 @@ def train(family: str, denoiser: Component, examples: list[Example], null: NullE
         if done % hp.checkpoint_every == 0 or done == hp.steps:
             steps[done] = save_checkpoint(store, run_key, done, hp, fam, model, optimizer, generator)
             logger.info("step %d/%d loss %.4f: checkpoint stored", done, hp.steps, loss.item())
+    data.close()
     return Weights(method=hp.method, final_step=hp.steps, steps=steps, computed=hp.steps - start, reused=start)
 
 
