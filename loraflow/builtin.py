@@ -9,13 +9,17 @@ versions builds byte-identical weights. Tokenizers are built from in-memory voca
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import shutil
 import string
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger("loraflow.builtin")
 
 BUILTIN_PREFIX = "builtin:"
 BUILTINS = ("tiny-sd", "tiny-sana", "tiny-sdxl", "tiny-sd3", "tiny-flux")
@@ -47,12 +51,19 @@ def build_once(folder: Path, build: Callable[[Path], None]) -> Path:
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / f".{folder.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed, or when the process dies
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process to finish building %s", folder)
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed, or when the process dies
         if not folder.exists():
+            log.info("building %s (once per machine)", folder)
+            start = time.monotonic()
             partial = folder.with_name(f".{folder.name}.partial")
             shutil.rmtree(partial, ignore_errors=True)
             build(partial)
             partial.rename(folder)
+            log.info("built %s in %.1f s", folder.name, time.monotonic() - start)
     return folder
 
 

@@ -1,0 +1,143 @@
+"""How the flow scales with the dataset, measured side by side in one process.
+
+    .venv/bin/python bench/scale.py [--sizes 1000 10000 100000] [--steps 20]
+
+For each size N: generates N distinct 32 px images with distinct captions, then runs the flow on
+the tiny SD model (one Prefect server for the whole benchmark):
+- cold: build-latent-cache's images/s, and a bare loop of batched `vae.encode` over the same
+  images (read, decode, cut, encode; nothing stored) for comparison;
+- the first re-run after the cold run and a steady re-run, nothing changed, each minus the floor
+  (a no-op run of a six-task cached flow on the same server);
+- a re-run after one image was added;
+- peak RSS of the process during a run in which only training runs (VmHWM, reset before it).
+Prints a markdown table and the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def make_dataset(folder: Path, count: int, seed: int = 0) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for i in range(count):
+        pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:06d}.png")
+        (folder / f"{i:06d}.txt").write_text(f"picture number {i}\n")
+
+
+def bare_loop(folder: Path, batch: int) -> float:
+    """Images/s of read + decode + cut + batched encode, nothing stored."""
+    import torch
+
+    from loraflow.builtin import builtin_path
+    from loraflow.dataset import to_pixels
+    from loraflow.families import get_family
+
+    family = get_family("sd")
+    start = time.perf_counter()
+    vae = family.load_vae(str(builtin_path("tiny-sd")), torch.device("cpu"))
+    paths = sorted(folder.glob("*.png"))
+    with torch.no_grad():
+        for i in range(0, len(paths), batch):
+            pixels = torch.stack([to_pixels(p.read_bytes(), 32, True)[0] for p in paths[i:i + batch]])
+            family.encode_images(vae, pixels)
+    return len(paths) / (time.perf_counter() - start)
+
+
+def floor_seconds() -> float:
+    """A no-op run of a flow of six cached tasks, on the same server."""
+    from prefect import flow, task
+    from prefect.cache_policies import INPUTS
+
+    @task(cache_policy=INPUTS, persist_result=True)
+    def stage(n: int) -> int:
+        return n
+
+    @flow
+    def six() -> None:
+        for n in range(6):
+            stage(n)
+
+    six()
+    return timed(six)[0]
+
+
+def peak_rss_mib(fn) -> float:
+    """Peak resident memory while `fn` runs (Linux: VmHWM after resetting it)."""
+    Path("/proc/self/clear_refs").write_text("5")
+    fn()
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+
+    from flows.finetune import finetune
+    from loraflow.config import RunConfig
+    from tests.helpers import row
+
+    tmp = Path(tempfile.mkdtemp(prefix="loraflow-scale-"))
+    os.environ.setdefault("LORAFLOW_HOME", str(tmp / "home"))
+    floor = floor_seconds()
+    rows = []
+    for n in args.sizes:
+        data = tmp / f"data-{n}"
+        make_dataset(data, n)
+        cfg = RunConfig.model_validate({
+            "dataset": {"source": str(data)},
+            "train": {"steps": args.steps, "checkpoint_every": args.steps},
+            "sample": {"prompts": ["picture number 0"], "steps": 2, "images_per_prompt": 1},
+            "store": str(tmp / f"store-{n}"),
+        })
+        bare = bare_loop(data, batch=8)
+        cold_s, cold = timed(lambda: finetune(cfg))
+        latents = row(cold, "latents")
+        first_s, _ = timed(lambda: finetune(cfg))
+        steady_s, _ = timed(lambda: finetune(cfg))
+        make_dataset(tmp / "extra", 1, seed=n)
+        for suffix in (".png", ".txt"):
+            (tmp / "extra" / f"000000{suffix}").rename(data / f"extra{suffix}")
+        (tmp / "extra").rmdir()
+        added_s, _ = timed(lambda: finetune(cfg))
+        retrain = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": 1})})
+        rss = peak_rss_mib(lambda: finetune(retrain))
+        rows.append((n, latents.computed / latents.seconds, bare, cold_s, first_s - floor, steady_s - floor,
+                     added_s, rss))
+        print(f"done: {n} images", flush=True)
+
+    print(f"\ntiny SD, 32 px, train {args.steps} steps; floor (six cached tasks, no-op) {floor:.2f} s; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print("| images | latent cache img/s | bare loop img/s | ratio | cold run s | first re-run − floor s "
+          "| steady re-run − floor s | one image added s | train-only run peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for n, cache, bare, cold_s, first, steady, added, rss in rows:
+        print(f"| {n} | {cache:.0f} | {bare:.0f} | {cache / bare:.2f} | {cold_s:.1f} | {first:.2f} | {steady:.2f} "
+              f"| {added:.1f} | {rss:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
