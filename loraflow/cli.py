@@ -23,9 +23,15 @@ EXIT_CONFIG, EXIT_FAILED = 2, 1
 
 
 class Stopped(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so the flow engine reports the run and the CLI exits cleanly."""
+    """SIGINT or SIGTERM, raised as Ctrl-C is, so the flow engine reports the run as Crashed and
+    the CLI exits cleanly."""
 
-    signum = signal.SIGTERM
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_signalled: list[int] = []  # the signals this run received: a stop whatever error it surfaces as
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,16 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     log_file, detach_logging = log_to_file(args.debug)
     try:
         return run_flow(args, log_file)
-    except KeyboardInterrupt as exc:
-        signum = getattr(exc, "signum", signal.SIGINT)
-        say(f"stopped by {signal.Signals(signum).name}; what finished is in the store and the next run resumes "
-            f"from it (full log: {log_file})")
-        return 128 + signum
-    except Exception as exc:
-        logging.getLogger("loraflow").error("run failed", exc_info=exc)
+    except (Exception, KeyboardInterrupt) as exc:
+        logging.getLogger("loraflow").error("run failed" if not _signalled else "run stopped", exc_info=exc)
+        if _signalled or isinstance(exc, KeyboardInterrupt):
+            # The signal's exception may surface as another error raised while unwinding
+            # (cleanup interrupted midway): it is still a stop.
+            signum = (_signalled or [signal.SIGINT])[0]
+            say(f"stopped by {signal.Signals(signum).name}; what finished is in the store and the next run "
+                f"resumes from it (full log: {log_file})")
+            return 128 + signum
         say(f"run failed: {one_line(exc)} (full log: {log_file})")
         return EXIT_FAILED
     finally:
+        _signalled.clear()
         detach_logging()
 
 
@@ -68,13 +77,14 @@ def run_flow(args: argparse.Namespace, log_file: Path) -> int:
     except Exception as exc:
         say(f"bad config {args.config}: {config_problem(exc)}")
         return EXIT_CONFIG
-    previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    previous = {signum: signal.signal(signum, _raise_stopped) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         with prefect_api():
             state = finetune(cfg, return_state=True)
             report = state.result()  # raises the run's error if it failed
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if args.report:
         args.report.write_text(report.model_dump_json(indent=2))
     print(report.table())
@@ -82,7 +92,8 @@ def run_flow(args: argparse.Namespace, log_file: Path) -> int:
 
 
 def _raise_stopped(signum, frame):
-    raise Stopped()
+    _signalled.append(signum)
+    raise Stopped(signum)
 
 
 def say(message: str) -> None:

@@ -99,8 +99,9 @@ class Digests:
             try:
                 self._db.executemany("INSERT OR REPLACE INTO digests_v2 VALUES (?, ?, ?)", rows)
                 self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
+            except BaseException:  # a signal may land anywhere, even after COMMIT
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
 
     def local_file(self, path: Path) -> str:

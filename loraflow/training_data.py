@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from loraflow.manifests import Example
-from loraflow.store import ObjectRef, Store
+from loraflow.store import Store
 
 Tensors = dict[str, torch.Tensor]
 

@@ -44,7 +44,9 @@ def busy(tmp_path_factory):
 
 
 def busy_config(store: Path, data: Path):
-    return small_config(store, data, train=TRAIN, sample={"prompts": SAMPLE_PROMPTS})
+    # Encoders one item per pass: each stored object is a point at which a signal can be aimed.
+    cfg = small_config(store, data, train=TRAIN, sample={"prompts": SAMPLE_PROMPTS}, encoder={"batch_size": 1})
+    return cfg.model_copy(update={"dataset": cfg.dataset.model_copy(update={"encode_batch_size": 1})})
 
 
 # When to interrupt each stage: once it has stored some, not all, of its objects.
@@ -166,3 +168,23 @@ def test_four_runs_started_together(tmp_path, round_):
         assert completed == Counter(STAGES), completed
     assert snapshot(tmp_path / "cold" / "store", "objects") == snapshot(tmp_path / "warm" / "store", "objects")
     shutil.rmtree(tmp_path / "home", ignore_errors=True)
+
+
+def test_a_signal_that_surfaces_as_another_error_is_still_a_stop(capfd, monkeypatch):
+    """A signal landing in cleanup code (say, between a COMMIT and its ROLLBACK guard) can unwind
+    as some other exception: the run was still stopped by the signal, and says so."""
+    import sqlite3
+
+    import loraflow.cli as cli
+
+    def interrupted_cleanup(args, log_file):
+        try:
+            cli._raise_stopped(signal.SIGTERM, None)
+        except KeyboardInterrupt:
+            raise sqlite3.OperationalError("cannot rollback - no transaction is active") from None
+
+    monkeypatch.setattr(cli, "run_flow", interrupted_cleanup)
+    assert cli.main(["run"]) == 128 + signal.SIGTERM
+    err = capfd.readouterr().err
+    assert "stopped by SIGTERM" in err and "cannot rollback" not in err
+    assert cli.main.__globals__["_signalled"] == []  # a later run in this process starts clean
