@@ -1,4 +1,7 @@
-"""The fine-tuning flow: five cached tasks wired by the manifests they hand each other."""
+"""The fine-tuning flow: five cached tasks wired by the manifests they hand each other.
+
+The latent cache and caption encoding run as one task per shard on the configured task runner.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,10 @@ from loraflow.dataset import load_dataset, read_sample_prompts
 from loraflow.manifests import Example
 from loraflow.models import check_resolution, resolve_model
 from loraflow.remote import storage_options
+from loraflow.hashing import sha256_bytes
 from loraflow.report import Report, StageRunner
+from loraflow.runners import task_runner
+from loraflow.shards import store_shards
 from loraflow.store import Store
 from tasks import build_latent_cache, encode_prompts, null_embedding, sample, train
 
@@ -36,17 +42,29 @@ def finetune(cfg: RunConfig = RunConfig()) -> Report:
     report = Report(flow_run_id=str(flow_run.get_id()), store=store.url)
     run = StageRunner(store, report)
     text = dict(family=model.family, text_encoder=model.text_encoder, settings=cfg.encoder, store=store)
+    vae = dict(family=model.family, vae=model.vae, resolution=cfg.dataset.resolution,
+               center_crop=cfg.dataset.center_crop, flip=cfg.dataset.flip, store=store,
+               batch_size=cfg.dataset.encode_batch_size)
 
-    # Lists go to tasks in content order, so renaming or reordering files changes no cache key.
-    captions = run(encode_prompts, role="captions", prompts=sorted({i.caption for i in images}), **text)
-    prompts = run(encode_prompts, role="sample prompts", prompts=sample_prompts, **text) if sample_prompts else None
+    # Captions and images are cut into content-defined shards, each stored as one list and handed to
+    # its task by reference; lists are in content order, so renaming or reordering files changes no key.
+    size = cfg.dataset.shard_size
+    caption_shards = store_shards(store, sorted({i.caption for i in images}), lambda c: sha256_bytes(c.encode()), size)
+    image_shards = store_shards(store, sorted(images, key=lambda i: i.sha256), lambda i: i.sha256, size)
+    with task_runner(cfg.runner) as runner:  # threads here, or Dask workers
+        caption_parts, latent_parts = run.map(
+            runner,
+            [(encode_prompts, dict(prompts=ref, role=f"captions {label}", **text)) for label, ref in caption_shards.items()],
+            [(build_latent_cache, dict(images=ref, shard=label, **vae)) for label, ref in image_shards.items()])
+    prompts = (run(encode_prompts, role="sample prompts", prompts=store.put_list(sample_prompts), **text)
+               if sample_prompts else None)
     null = run(null_embedding, **text) if sample_prompts or cfg.train.caption_dropout > 0 else None
-    latents = run(build_latent_cache, images=sorted(images, key=lambda i: i.sha256), family=model.family, vae=model.vae,
-                  resolution=cfg.dataset.resolution, center_crop=cfg.dataset.center_crop,
-                  flip=cfg.dataset.flip, store=store, batch_size=cfg.dataset.encode_batch_size)
-    examples = sorted((Example(image=i.name, latent=latents.items[i.sha256], caption=captions.items[i.caption])
-                       for i in images), key=lambda e: (e.latent.key, e.caption.key))  # by content, not name
-    weights = run(train, family=model.family, denoiser=model.denoiser, examples=examples,
+
+    captions = {prompt: ref for part in caption_parts for prompt, ref in part.items.items()}
+    latents = {sha: ref for part in latent_parts for sha, ref in part.items.items()}
+    examples = sorted((Example(image=i.name, latent=latents[i.sha256], caption=captions[i.caption]) for i in images),
+                      key=lambda e: (e.latent.key, e.caption.key))  # by content, not name
+    weights = run(train, family=model.family, denoiser=model.denoiser, examples=store.put_list(examples),
                   null=null if cfg.train.caption_dropout > 0 else None, hp=cfg.train, store=store)
     report.weights = store.url_of(weights.final.path)
     if prompts:

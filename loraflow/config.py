@@ -35,6 +35,10 @@ class DatasetConfig(_Section):
     # Images per VAE forward pass (None: 8 on a CPU, 16 on a GPU). In no cache key: changing it
     # re-encodes nothing (see `loraflow.batching`).
     encode_batch_size: int | None = Field(None, ge=1)
+    # Images (and distinct captions) per shard, at most, on average: the latent cache and caption
+    # encoding run as one task per content-defined shard (`loraflow.shards`), each with its own
+    # cache record, so adding an image re-runs one shard. How the work is cut: in no object's key.
+    shard_size: int = Field(1000, ge=1)
 
 
 class EncoderConfig(_Section):
@@ -93,12 +97,23 @@ class SampleConfig(SamplerSettings):
         return SamplerSettings(**self.model_dump(exclude={"prompts", "prompts_file"}))
 
 
+class RunnerConfig(_Section):
+    """Where the sharded stages (latent cache, caption encoding) run, through a Prefect task runner:
+    `threads` in the flow's process, or `dask` (prefect-dask's `DaskTaskRunner`): the Dask cluster
+    whose scheduler is at `address`, or without one a local cluster of `workers` processes."""
+
+    kind: Literal["threads", "dask"] = "threads"
+    workers: int = Field(2, ge=1)  # threads, or local Dask worker processes (one thread each)
+    address: str | None = None  # e.g. tcp://scheduler:8786 (kind: dask)
+
+
 class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=lambda: SampleConfig(prompts=DEMO_PROMPTS))
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
     store: str = "./loraflow-store"  # any fsspec URL: a folder, s3://bucket/prefix, memory://...
     # fsspec options for every remote URL in this config (store, dataset, model, prompts file), e.g.
     # {"endpoint_url": ...}. Credentials are better left to the environment (AWS_ACCESS_KEY_ID, ...)

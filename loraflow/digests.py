@@ -36,10 +36,15 @@ def local_stamp(path: Path) -> str:
 
 def remote_stamp(url: str, info: dict[str, Any]) -> str | None:
     """Stamp of an fsspec listing entry, or None when the filesystem reports no version field."""
+    listed = version(info)
+    return f"{url}|{listed}" if listed else None
+
+
+def version(info: dict[str, Any]) -> str | None:
+    """What an fsspec listing entry says about its file's version (size and version fields), or
+    None when the filesystem reports no version field."""
     versions = [f"{name}={info[name]}" for name in VERSION_FIELDS if info.get(name) not in (None, "")]
-    if not versions:
-        return None
-    return "|".join([url, str(info.get("size")), *versions])
+    return "|".join([str(info.get("size")), *versions]) if versions else None
 
 
 def hash_file(path: Path) -> str:

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import re
 import time
+from collections import Counter
 from typing import Any
 
 from prefect import Task
+from prefect.client.schemas.objects import State
+from prefect.task_runners import TaskRunner
 from pydantic import BaseModel
 
 from loraflow.manifests import Manifest
 from loraflow.store import Store
 
 
+SHARD = re.compile(r"\s*\b\d+/\d+$")  # "3/16" at the end of a role: one shard of a sharded stage
+
+
 class TaskRow(BaseModel):
     task: str
-    role: str | None
+    role: str | None  # what the task run name has in brackets: "sample prompts", "captions 3/16", "3/16"
     state: str  # Prefect's state name: "Completed" or "Cached"
     cache_key: str
     seconds: float
@@ -25,6 +32,12 @@ class TaskRow(BaseModel):
     def label(self) -> str:
         return f"{self.task}[{self.role}]" if self.role else self.task
 
+    @property
+    def stage(self) -> str:
+        """The label without the shard: "encode-prompts[captions]", "build-latent-cache"."""
+        role = SHARD.sub("", self.role or "")
+        return f"{self.task}[{role}]" if role else self.task
+
 
 class Report(BaseModel):
     flow_run_id: str
@@ -33,41 +46,76 @@ class Report(BaseModel):
     weights: str | None = None
     samples: list[str] = []
 
-    def table(self) -> str:
-        lines = [f"{'task':34} {'state':10} {'computed':>8} {'reused':>7} {'seconds':>8}  key"]
+    def stages(self) -> list[tuple[str, str, int, int, float, str]]:
+        """One line per stage: (label, state, computed, reused, seconds, cache key). A sharded
+        stage's shards are summed ("Completed 1, Cached 15"; the slowest shard's seconds)."""
+        groups: dict[str, list[TaskRow]] = {}
         for r in self.tasks:
-            lines.append(f"{r.label:34} {r.state:10} {r.computed:8d} {r.reused:7d} {r.seconds:8.2f}  {r.cache_key[:12]}")
+            groups.setdefault(r.stage if SHARD.search(r.role or "") else r.label, []).append(r)
+        lines = []
+        for label, rows in groups.items():
+            if len(rows) == 1:
+                r = rows[0]
+                lines.append((r.label, r.state, r.computed, r.reused, r.seconds, r.cache_key[:12]))
+                continue
+            states = Counter(r.state for r in rows)
+            lines.append((f"{label} ×{len(rows)} shards", ", ".join(f"{s} {n}" for s, n in sorted(states.items(), reverse=True)),
+                          sum(r.computed for r in rows), sum(r.reused for r in rows), max(r.seconds for r in rows), ""))
+        return lines
+
+    def table(self) -> str:
+        lines = [f"{'task':40} {'state':12} {'computed':>8} {'reused':>7} {'seconds':>8}  key"]
+        for label, state, computed, reused, seconds, key in self.stages():
+            lines.append(f"{label:40} {state:12} {computed:8d} {reused:7d} {seconds:8.2f}  {key}")
         lines.append(f"weights: {self.weights}")
         lines.append(f"samples: {len(self.samples)} image(s) in {self.store}")
         return "\n".join(lines)
 
     def markdown(self) -> str:
         rows = ["| task | state | computed | reused | seconds | cache key |", "|---|---|---|---|---|---|"]
-        for r in self.tasks:
-            rows.append(f"| {r.label} | {r.state} | {r.computed} | {r.reused} | {r.seconds:.2f} | `{r.cache_key[:12]}` |")
+        for label, state, computed, reused, seconds, key in self.stages():
+            rows.append(f"| {label} | {state} | {computed} | {reused} | {seconds:.2f} | `{key}` |")
         rows += ["", f"weights: `{self.weights}`", "", f"samples: {len(self.samples)} image(s) in `{self.store}`"]
         return "\n".join(rows)
 
 
 class StageRunner:
-    """Runs a task with its cache records in the store and records its report row."""
+    """Runs tasks with their cache records in the store and records a report row per task run."""
 
     def __init__(self, store: Store, report: Report):
         self.store = store
         self.report = report
         self.records = store.prefect_result_storage()
 
-    def __call__(self, task: Task, role: str | None = None, **inputs: Any) -> Any:
-        if role is not None:
-            inputs["role"] = role
+    def __call__(self, task: Task, **inputs: Any) -> Any:
+        """Run `task` here, now, and return its manifest (raising its error if it failed)."""
         started = time.perf_counter()
         state = task.with_options(result_storage=self.records)(**inputs, return_state=True)
+        return self._row(task, inputs, state, time.perf_counter() - started)
+
+    def map(self, runner: TaskRunner, *groups: list[tuple[Task, dict[str, Any]]]) -> list[list[Any]]:
+        """Submit every (task, inputs) of every group to `runner` at once (threads, or Dask
+        workers), wait for all, and return each group's manifests in order. A row's seconds run
+        from the submission to when that task run finished."""
+        started = time.perf_counter()
+        submitted = [[(task, inputs, runner.submit(task.with_options(result_storage=self.records), inputs))
+                      for task, inputs in group] for group in groups]
+        results = []
+        for group in submitted:
+            results.append([])
+            for task, inputs, future in group:
+                future.wait()
+                results[-1].append(self._row(task, inputs, future.state, time.perf_counter() - started))
+        return results
+
+    def _row(self, task: Task, inputs: dict[str, Any], state: State, seconds: float) -> Any:
         result: Manifest = state.result()  # raises the task's error if it failed
         cached = state.name == "Cached"
+        name = task.task_run_name.format(**inputs) if isinstance(task.task_run_name, str) else task.name
         self.report.tasks.append(TaskRow(
-            task=task.name, role=role, state=state.name,
+            task=task.name, role=name[len(task.name) + 1 : -1] or None, state=state.name,
             cache_key=task.cache_policy.key_for(task.name, inputs),
-            seconds=round(time.perf_counter() - started, 3),
+            seconds=round(seconds, 3),
             computed=0 if cached else result.computed,
             reused=result.computed + result.reused if cached else result.reused,
         ))

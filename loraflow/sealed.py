@@ -9,6 +9,8 @@ so an object copied under another key's name (checksum file included) is a miss,
   inputs must give the same bytes everywhere. Tensor data offsets are relative to the end of the
   header, so the data bytes stay as they are.
 - PNG: a `tEXt` chunk `loraflow-key` right after `IHDR`; the pixels are not re-encoded.
+- JSON (stored lists, `loraflow.manifests.ManifestRef`): the value wrapped as
+  `{"loraflow.key":"<key>","items":<value>}`, so the key is read from the first bytes alone.
 
 Reading parses only the safetensors JSON header or the PNG chunk layout; nothing is unpickled.
 """
@@ -21,6 +23,8 @@ import zlib
 KEY_FIELD = "loraflow.key"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_KEYWORD = b"loraflow-key"
+JSON_PREFIX = b'{"' + KEY_FIELD.encode() + b'":"'
+JSON_ITEMS = b'","items":'
 IHDR_END = len(PNG_SIGNATURE) + 8 + 13 + 4  # length, type, 13 bytes of IHDR data, CRC
 
 
@@ -36,7 +40,9 @@ def seal(data: bytes, ext: str, key: str) -> bytes:
         if data[: len(PNG_SIGNATURE)] != PNG_SIGNATURE or data[12:16] != b"IHDR":
             raise ValueError("not a PNG")
         return data[:IHDR_END] + _png_chunk(b"tEXt", PNG_KEYWORD + b"\0" + key.encode("ascii")) + data[IHDR_END:]
-    raise ValueError(f"cannot seal a .{ext} object: only safetensors and png carry their key")
+    if ext == "json":
+        return JSON_PREFIX + key.encode("ascii") + JSON_ITEMS + data + b"}"
+    raise ValueError(f"cannot seal a .{ext} object: only safetensors, png and json carry their key")
 
 
 def sealed_key(data: bytes, ext: str) -> str | None:
@@ -51,9 +57,19 @@ def sealed_key(data: bytes, ext: str) -> str | None:
             payload = chunk[8:-4]
             if chunk == _png_chunk(b"tEXt", payload) and payload.startswith(PNG_KEYWORD + b"\0"):
                 return payload[len(PNG_KEYWORD) + 1 :].decode("ascii")
+        if ext == "json" and data.startswith(JSON_PREFIX) and data.endswith(b"}"):
+            end = data.find(b'"', len(JSON_PREFIX))
+            if data.startswith(JSON_ITEMS, end):
+                return data[len(JSON_PREFIX) : end].decode("ascii")
     except Exception:  # whatever is wrong with the bytes, they carry no key we can trust
         return None
     return None
+
+
+def unsealed_json(data: bytes) -> bytes:
+    """The JSON value inside a sealed JSON object (whose key was checked with `sealed_key`)."""
+    start = data.index(JSON_ITEMS) + len(JSON_ITEMS)
+    return data[start:-1]
 
 
 def _safetensors_header(data: bytes) -> tuple[dict, bytes]:

@@ -5,14 +5,17 @@ Three concepts, as in git:
 - an *object* is the artifact's bytes at `objects/<kind>/<key>.<ext>`, sealed with its key (see
   `sealed`), plus a checksum file `<path>.sha256` written last, which is what makes the object
   count as present;
-- a *manifest* is the small JSON value a task returns: `ObjectRef`s (path, key, sha256).
+- a *manifest* is the small JSON value a task returns: `ObjectRef`s (path, key, sha256). A list
+  too long to pass by value (a shard's images, every training example) is itself stored as an
+  object (kind `lists`) and passed as a `ListRef`.
 
 Writes go to a temporary name and are moved into place, so a reader never sees half a file and
 an interrupted write leaves nothing that counts as present. Every read re-hashes the bytes and
 checks the key sealed in them: a missing, truncated or altered object, or one copied from another
 key, is a miss (`ArtifactMissing`), never a crash or a None.
-Checking that a manifest's objects are intact (`broken`) lists them and re-reads only objects
-whose stamp (size + ETag or mtime) was never verified before. Tensors are safetensors; nothing
+Checking that a manifest's objects are intact (`broken`), or looking many keys up (`find_many`),
+costs one listing per object kind and run, and re-reads only objects whose stamp (size + ETag or
+mtime) was never verified on this machine; what this machine wrote is entered as verified. Tensors are safetensors; nothing
 here ever unpickles. Prefect's cache records live in the store too (`StoreRecords`).
 """
 
@@ -33,9 +36,9 @@ from pydantic import BaseModel, PrivateAttr
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from loraflow.digests import digests, remote_stamp
-from loraflow.hashing import sha256_bytes
-from loraflow.sealed import seal, sealed_key
+from loraflow.digests import digests, remote_stamp, version
+from loraflow.hashing import content_key, sha256_bytes
+from loraflow.sealed import seal, sealed_key, unsealed_json
 
 
 PARTIAL = ".tmp-"  # in the name of a file being written; it never counts as an object
@@ -61,12 +64,28 @@ class ObjectRef(BaseModel):
         return self.key
 
 
+class ListRef(BaseModel):
+    """A long list (a shard's images, every training example) stored as one object and handed to
+    tasks by reference, so what Prefect sees of a task's inputs is O(1) whatever the dataset size.
+
+    `identity` hashes the items' own cache tokens (an image's bytes, not its name or URL): it is
+    all a downstream key sees. The object itself is named by its bytes (names and URLs included)."""
+
+    ref: ObjectRef
+    count: int
+    identity: str
+
+    def cache_token(self) -> str:
+        return self.identity
+
+
 class Store:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         if "://" not in url:  # a local path: make the URLs in reports absolute
             url = str(Path(url).expanduser().resolve())
         self.url = url.rstrip("/")
         self.storage_options = storage_options or {}
+        self._listings: dict[str, dict[str, str]] = {}  # object kind -> its listing (see `_listing`)
         bucket = None
         try:
             self.fs, self.root = url_to_fs(self.url, **self.storage_options)
@@ -106,7 +125,10 @@ class Store:
         self.write_atomic(path, data)
         self.write_atomic(path + ".sha256", digest.encode())  # last: marks the object present
         # Known-good from here on: a later check of this version of the file does not read it back.
-        digests().put(remote_stamp(self.url_of(path), self.fs.info(self.abs(path))), digest)
+        info = self.fs.info(self.abs(path))
+        digests().put(remote_stamp(self.url_of(path), info), digest)
+        if kind in self._listings and version(info):
+            self._listings[kind][path] = version(info)
         return ObjectRef(path=path, key=key, sha256=digest)
 
     def find(self, kind: str, key: str, ext: str) -> ObjectRef | None:
@@ -131,40 +153,101 @@ class Store:
             raise ArtifactMissing(f"{self.url_of(ref.path)} was not made for key {ref.key[:12]}")
         return data
 
+    def find_many(self, kind: str, keys: list[str], ext: str) -> dict[str, ObjectRef]:
+        """{key: stored, intact object} for those of `keys` that have one.
+
+        Looked up in one listing of the kind, not one request per key: an object whose stamp was
+        verified before (or that this machine wrote) is not read; any other is read and checked.
+        Keys the listing lacks are looked for once more in a fresh listing (another run may have
+        stored them since).
+        """
+        wanted = {self.object_path(kind, key, ext): None for key in keys}
+        found = self._intact(kind, wanted, fresh=False)
+        missing = {path: None for path in wanted if path not in found}
+        if missing:
+            found.update(self._intact(kind, missing, fresh=True))
+        return {ref.key: ref for ref in found.values()}
+
     def broken(self, refs: list[ObjectRef]) -> list[ObjectRef]:
         """The refs whose object is missing, does not match its checksum or was made for another key.
 
-        One listing per object kind; an object is read and re-hashed only if this version of it
-        (its stamp) has not been verified before on this machine.
+        Checked against one listing per object kind (taken once per `Store`, i.e. once per run and
+        process, then reused); an object is read and re-hashed only if this version of it (its
+        stamp) was never verified on this machine. An object the listing lacks is looked for in
+        a fresh listing before it counts as missing.
         """
-        listing: dict[str, dict] = {}
-        for kind in sorted({ref.path.split("/")[1] for ref in refs}):
-            self.fs.invalidate_cache(self.abs(f"objects/{kind}"))  # other runs may have written since
-            found = self.fs.find(self.abs(f"objects/{kind}"), detail=True)
-            self.sweep_partial(found)
-            listing.update({self.fs._strip_protocol(path): info for path, info in found.items()})
-        bad, stamps = [], {}
+        bad, by_kind = [], {}
         for ref in refs:
-            info = listing.get(self.fs._strip_protocol(self.abs(ref.path)))
-            if info is None:
-                bad.append(ref)
+            kind, ext = ref.path.split("/")[1], ref.path.rsplit(".", 1)[-1]
+            if ref.path != self.object_path(kind, ref.key, ext):
+                bad.append(ref)  # a ref whose path is another key's: never intact
             else:
-                stamps[ref.path] = remote_stamp(self.url_of(ref.path), info)
+                by_kind.setdefault(kind, {})[ref.path] = ref.sha256
+        for kind, wanted in by_kind.items():
+            intact = self._intact(kind, wanted, fresh=False)
+            missing = {path: sha for path, sha in wanted.items() if path not in intact}
+            if missing:
+                intact.update(self._intact(kind, missing, fresh=True))
+            bad += [ref for ref in refs if ref.path in wanted and ref.path not in intact]
+        return bad
+
+    def _intact(self, kind: str, wanted: dict[str, str | None], fresh: bool) -> dict[str, ObjectRef]:
+        """{path: ref} for the object paths in `wanted` that the kind's listing (`fresh`: listed
+        anew) holds, whole and intact. `wanted` maps a path to the sha256 it must have (a
+        manifest's ref), or to None: then its checksum file says."""
+        listing = self._listing(kind, fresh)
+        stamps = {path: f"{self.url_of(path)}|{listing[path]}" for path in wanted if path in listing}
         known = digests().get_many(list(stamps.values()))
-        verified = []
-        for ref in refs:
-            if ref.path not in stamps:
-                continue  # not listed: already in `bad`
-            stamp = stamps[ref.path]
-            if known.get(stamp) == ref.sha256:
+        intact, verified = {}, []
+        for path, stamp in stamps.items():
+            key, want = path.rsplit("/", 1)[-1].rsplit(".", 1)[0], wanted[path]
+            if stamp in known and want in (None, known[stamp]):
+                intact[path] = ObjectRef(path=path, key=key, sha256=known[stamp])
                 continue
             try:
-                self.read(ref)
-                verified.append((stamp, ref.sha256))
-            except ArtifactMissing:
-                bad.append(ref)
+                sha = want or self.fs.cat_file(self.abs(path + ".sha256")).decode().strip()
+                intact[path] = ObjectRef(path=path, key=key, sha256=sha)
+                self.read(intact[path])
+                verified.append((stamp, sha))
+            except (FileNotFoundError, ArtifactMissing, UnicodeDecodeError):
+                intact.pop(path, None)
         digests().put_many(verified)
-        return bad
+        return intact
+
+    def _listing(self, kind: str, fresh: bool) -> dict[str, str]:
+        """{object path: its version (size + ETag or mtime, see `digests.version`)} for every
+        whole object under `objects/<kind>` (checksum file present), listed once per `Store`
+        unless `fresh`. Temporary files of killed writes found on the way are swept."""
+        if fresh or kind not in self._listings:
+            self.fs.invalidate_cache(self.abs(f"objects/{kind}"))  # other runs may have written since
+            try:
+                found = self.fs.find(self.abs(f"objects/{kind}"), detail=True)
+            except FileNotFoundError:
+                found = {}
+            self.sweep_partial(found)
+            skip = len(self.fs._strip_protocol(self.root)) + 1
+            files = {self.fs._strip_protocol(path)[skip:]: info for path, info in found.items()}
+            self._listings[kind] = {path: listed for path, info in files.items()
+                                    if path + ".sha256" in files and (listed := version(info))}
+        return self._listings[kind]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_listings": {}}  # a copy sent to a worker lists for itself
+
+    def put_list(self, items: list) -> ListRef:
+        """Store a long list (pydantic models or plain JSON values) as one sealed JSON object and
+        return the reference tasks are handed instead of the list. The object is named by its
+        bytes; an identical one already stored and verified on this machine is not written again."""
+        data = json.dumps([i.model_dump(mode="json") if isinstance(i, BaseModel) else i for i in items],
+                          separators=(",", ":"), ensure_ascii=False).encode()
+        key = sha256_bytes(data)
+        ref = self.find_many("lists", [key], "json").get(key) or self.put("lists", key, data, "json")
+        return ListRef(ref=ref, count=len(items), identity=content_key("list", items))
+
+    def read_list(self, listed: ListRef, item_type: type | None = None) -> list:
+        """The items of a stored list, checked like every read; `item_type` validates each one."""
+        items = json.loads(unsealed_json(self.read(listed.ref)))
+        return [item_type.model_validate(i) for i in items] if item_type else items
 
     def put_tensors(self, kind: str, key: str, tensors: dict[str, torch.Tensor],
                     metadata: dict[str, str] | None = None) -> ObjectRef:

@@ -11,15 +11,16 @@ from prefect import get_run_logger, task
 
 from loraflow.batching import GPU_PROMPT_BATCH, batch_size_for, chunks, padded_pass
 from loraflow.config import EncoderConfig
-from loraflow.families import get_family
+from loraflow.families import LOADING, get_family
 from loraflow.hashing import content_key
 from loraflow.manifests import Embeddings
 from loraflow.models import Component
-from loraflow.store import Store
+from loraflow.store import ListRef, Store
 from tasks.caching import ContentKey
 
 # Key: text-encoder fingerprint (weights, config, tokenizer), encoder settings (all but
-# `batch_size`, see `EncoderConfig.cache_token`), prompt texts.
+# `batch_size`, see `EncoderConfig.cache_token`), the prompt texts (the list's identity). Not the
+# role: captions and sample prompts with the same texts share their record.
 CACHE_KEY = ContentKey("family", "text_encoder", "settings", "prompts")
 
 
@@ -28,21 +29,19 @@ def embedding_key(family: str, text_encoder: Component, settings: EncoderConfig,
 
 
 @task(name="encode-prompts", cache_policy=CACHE_KEY, result_serializer="json", task_run_name="encode-prompts[{role}]")
-def encode_prompts(prompts: list[str], family: str, text_encoder: Component, settings: EncoderConfig,
+def encode_prompts(prompts: ListRef, family: str, text_encoder: Component, settings: EncoderConfig,
                    store: Store, role: str) -> Embeddings:
+    """Embeddings of the prompts in a stored list (sample prompts, or one shard of the captions)."""
     logger = get_run_logger()
-    items, todo = {}, []
-    for prompt in dict.fromkeys(prompts):
-        key = embedding_key(family, text_encoder, settings, prompt)
-        ref = store.find("embeddings", key, "safetensors")
-        if ref:
-            items[prompt] = ref
-        else:
-            todo.append((prompt, key))
+    keys = {prompt: embedding_key(family, text_encoder, settings, prompt) for prompt in store.read_list(prompts)}
+    found = store.find_many("embeddings", list(keys.values()), "safetensors")
+    items = {prompt: found[key] for prompt, key in keys.items() if key in found}
+    todo = [(prompt, key) for prompt, key in keys.items() if key not in found]
     if todo:
         fam = get_family(family)
         device = PartialState().device
-        encoder = fam.load_text_encoder(text_encoder.path, settings, device)
+        with LOADING:
+            encoder = fam.load_text_encoder(text_encoder.path, settings, device)
         size = batch_size_for(settings.batch_size, device, GPU_PROMPT_BATCH)
         for batch in chunks(todo, size):
             embeddings = padded_pass(lambda texts: fam.encode(encoder, texts, settings), [p for p, _ in batch], size)

@@ -17,15 +17,16 @@ from prefect import get_run_logger, task
 
 from loraflow.batching import GPU_IMAGE_BATCH, batch_size_for, chunks, padded_pass, prefetched, worker_pool
 from loraflow.dataset import DatasetError, ImageItem, read_image, to_pixels
-from loraflow.families import get_family
+from loraflow.families import LOADING, get_family
 from loraflow.hashing import content_key, sha256_bytes
 from loraflow.manifests import Latents
 from loraflow.models import Component
-from loraflow.store import ObjectRef, Store
+from loraflow.store import ListRef, ObjectRef, Store
 from tasks.caching import ContentKey
 
-# Key: VAE fingerprint, image bytes (sha256), resolution / crop / flip settings. Not the batch
-# size: it changes how the work is cut, not what a latent is.
+# Key: VAE fingerprint, the shard's image bytes (each image's sha256, through the list's identity),
+# resolution / crop / flip settings. Not the shard label or the batch size: they change how the
+# work is cut, not what a latent is.
 CACHE_KEY = ContentKey("family", "vae", "images", "resolution", "center_crop", "flip")
 
 
@@ -55,18 +56,17 @@ def cut_image(image: ImageItem, resolution: int, center_crop: bool, flip: bool, 
     return Cut(pixels, mirrored, tensors)
 
 
-@task(name="build-latent-cache", task_run_name="build-latent-cache", cache_policy=CACHE_KEY, result_serializer="json")
-def build_latent_cache(images: list[ImageItem], family: str, vae: Component, resolution: int,
-                       center_crop: bool, flip: bool, store: Store, batch_size: int | None = None) -> Latents:
+@task(name="build-latent-cache", task_run_name="build-latent-cache[{shard}]", cache_policy=CACHE_KEY,
+      result_serializer="json")
+def build_latent_cache(images: ListRef, family: str, vae: Component, resolution: int, center_crop: bool,
+                       flip: bool, store: Store, shard: str = "1/1", batch_size: int | None = None) -> Latents:
+    """One shard's latents: `images` is the shard's list of `ImageItem`s, stored."""
     logger = get_run_logger()
-    items, todo = {}, []
-    for image in {i.sha256: i for i in images}.values():
-        key = latent_key(family, vae, image, resolution, center_crop, flip)
-        ref = store.find("latents", key, "safetensors")
-        if ref:
-            items[image.sha256] = ref
-        else:
-            todo.append((image, key))
+    unique = {i.sha256: i for i in store.read_list(images, ImageItem)}
+    keys = {sha: latent_key(family, vae, image, resolution, center_crop, flip) for sha, image in unique.items()}
+    found = store.find_many("latents", list(keys.values()), "safetensors")
+    items = {sha: found[key] for sha, key in keys.items() if key in found}
+    todo = [(unique[sha], key) for sha, key in keys.items() if key not in found]
     if todo:
         items.update(encode_latents(todo, family, vae, resolution, center_crop, flip, store, batch_size))
     logger.info("%d latent(s) encoded, %d reused", len(todo), len(items) - len(todo))
@@ -78,7 +78,8 @@ def encode_latents(todo: list[tuple[ImageItem, str]], family: str, vae: Componen
     """Encode and store every (image, key) in `todo`; {image sha256: stored latent}."""
     fam = get_family(family)
     device = PartialState().device
-    model = fam.load_vae(vae.path, device)
+    with LOADING:
+        model = fam.load_vae(vae.path, device)
     size = batch_size_for(batch_size, device, GPU_IMAGE_BATCH)
 
     def encode(pixels: list[torch.Tensor]) -> torch.Tensor:

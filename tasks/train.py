@@ -19,19 +19,20 @@ from loraflow.families import get_family
 from loraflow.hashing import content_key
 from loraflow.manifests import Example, NullEmbedding, Weights
 from loraflow.models import Component
-from loraflow.store import Store, safetensors_metadata
+from loraflow.store import ListRef, Store, safetensors_metadata
 from loraflow.training_data import StoreExamples
 from loraflow.weights import export_weights, import_weights
 from tasks.caching import ContentKey
 
-# Key: base denoiser fingerprint, the (latent, caption embedding) pairs, the null embedding when
+# Key: base denoiser fingerprint, the (latent, caption embedding) pairs (the list's identity), the null embedding when
 # caption dropout uses it, hyperparameters and seed (in `hp`).
 CACHE_KEY = ContentKey("family", "denoiser", "examples", "null", "hp")
 
 
 @task(name="train", task_run_name="train", cache_policy=CACHE_KEY, result_serializer="json")
-def train(family: str, denoiser: Component, examples: list[Example], null: NullEmbedding | None,
+def train(family: str, denoiser: Component, examples: ListRef, null: NullEmbedding | None,
           hp: TrainConfig, store: Store) -> Weights:
+    """`examples` is the stored list of every training `Example` (a latent and a caption embedding)."""
     logger = get_run_logger()
     # Checkpoints live under the training inputs minus the run length and checkpoint spacing: a re-run
     # with the same inputs, or one asked to train longer, resumes from them.
@@ -40,7 +41,7 @@ def train(family: str, denoiser: Component, examples: list[Example], null: NullE
     fam = get_family(family)
 
     # Data: everything comes from the store by the refs upstream handed us, read as steps need it.
-    data = StoreExamples(store, examples, budget_bytes=hp.data_cache_mb * 2**20)
+    data = StoreExamples(store, store.read_list(examples, Example), budget_bytes=hp.data_cache_mb * 2**20)
     if hp.caption_dropout > 0 and null is None:
         raise ValueError("train.caption_dropout > 0 needs the null embedding")
     null_cond = store.read_tensors(null.embedding) if hp.caption_dropout > 0 else None
@@ -65,7 +66,7 @@ def train(family: str, denoiser: Component, examples: list[Example], null: NullE
     model.train()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=hp.mixed_precision == "bf16")
     for step in range(start, hp.steps):
-        batch = torch.randperm(len(examples), generator=generator)[: hp.batch_size].tolist()
+        batch = torch.randperm(len(data), generator=generator)[: hp.batch_size].tolist()
         latents, captions = zip(*data.__getitems__(batch))
         picked = [pick_latent(latent, generator) for latent in latents]
         x = {name: torch.stack([p[name] for p in picked]).to(device) for name in picked[0]}

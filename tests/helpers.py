@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from loraflow.config import RunConfig
 from loraflow.report import Report
 
 STAGES = ["captions", "prompts", "null", "latents", "train", "sample"]
-TASK_RUN_NAMES = {
+STAGE_LABELS = {
     "encode-prompts[captions]": "captions",
     "encode-prompts[sample prompts]": "prompts",
     "null-embedding": "null",
@@ -29,6 +30,13 @@ TASK_RUN_NAMES = {
     "train": "train",
     "sample": "sample",
 }
+SHARD = re.compile(r"\[\d+/\d+\]$| \d+/\d+(?=\]$)")  # "[3/16]" alone, or " 3/16" after a role
+
+
+def stage_of(task_run_name: str) -> str:
+    """The stage a task run belongs to: "build-latent-cache[3/16]" and "encode-prompts[captions 3/16]"
+    are shards of "latents" and "captions"."""
+    return STAGE_LABELS[SHARD.sub("", task_run_name)]
 
 
 FAMILIES = ["sd", "sdxl", "sd3", "flux", "sana"]
@@ -58,15 +66,37 @@ def run(cfg: RunConfig) -> tuple[Report, dict[str, str]]:
 
 
 def task_states(flow_run_id) -> dict[str, str]:
+    """{stage: Prefect state name}; a sharded stage's shards must all be in one state (see shard_states)."""
+    return {stage: one_state(states, stage) for stage, states in shard_states(flow_run_id).items()}
+
+
+def shard_states(flow_run_id) -> dict[str, list[str]]:
+    """{stage: Prefect state name of each of its task runs (one per shard), in shard order}."""
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {TASK_RUN_NAMES[r.name]: r.state.name for r in runs}
+    states: dict[str, list[str]] = {}
+    for r in sorted(runs, key=lambda r: shard_index(r.name)):
+        states.setdefault(stage_of(r.name), []).append(r.state.name)
+    return states
+
+
+def shard_index(task_run_name: str) -> int:
+    found = re.search(r"(\d+)/\d+\]$", task_run_name)
+    return int(found.group(1)) if found else 0
+
+
+def one_state(states: list[str], stage: str) -> str:
+    assert len(set(states)) == 1, f"{stage}: shards in different states {states}"
+    return states[0]
 
 
 def report_states(path: Path) -> dict[str, str]:
     """{stage: Prefect state name} from the run report a CLI run wrote with `--report`."""
     report = Report.model_validate_json(path.read_text())
-    return {TASK_RUN_NAMES[r.label]: r.state for r in report.tasks}
+    states: dict[str, list[str]] = {}
+    for r in report.tasks:
+        states.setdefault(stage_of(r.label), []).append(r.state)
+    return {stage: one_state(s, stage) for stage, s in states.items()}
 
 
 def session_env(**extra: str) -> dict[str, str]:
@@ -112,8 +142,8 @@ def stored_latents(cfg: RunConfig) -> list[dict]:
 
 
 def row(report: Report, stage: str):
-    name = {v: k for k, v in TASK_RUN_NAMES.items()}[stage]
-    (match,) = [r for r in report.tasks if r.label == name]
+    """The report row of a stage that ran as one task run (one shard)."""
+    (match,) = [r for r in report.tasks if stage_of(r.label) == stage]
     return match
 
 

@@ -17,7 +17,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from tests.conftest import free_port, wait_for
-from tests.helpers import TASK_RUN_NAMES
+from tests.helpers import stage_of
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -68,7 +68,7 @@ def states(env: dict, flow_run_id: str) -> tuple[str, dict[str, str]]:
     with api(env), get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(flow_run_id)
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
-    return flow_run.state.name, {TASK_RUN_NAMES[r.name]: r.state.name for r in runs}
+    return flow_run.state.name, {stage_of(r.name): r.state.name for r in runs}
 
 
 def test_deployment_run_by_a_worker_then_everything_cached(server, tmp_path):

@@ -1,5 +1,7 @@
 """Model families, one module each, behind the interface in `base`."""
 
+import threading
+
 from loraflow.families.base import Cond, Family
 from loraflow.families.flux import Flux
 from loraflow.families.sana import Sana
@@ -12,6 +14,12 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# Held while a model loads. diffusers and transformers build a model on the meta device by patching
+# torch for the whole process (accelerate's `init_empty_weights`), so a model another thread loads
+# at the same moment (shards run in threads) would come out empty.
+LOADING = threading.Lock()
+
+
 def get_family(name: str) -> Family:
     try:
         return FAMILIES[name]
@@ -19,4 +27,4 @@ def get_family(name: str) -> Family:
         raise ValueError(f"model.family: unknown family {name!r}; known: {', '.join(FAMILIES)}") from None
 
 
-__all__ = ["Cond", "Family", "FAMILIES", "get_family"]
+__all__ = ["Cond", "Family", "FAMILIES", "LOADING", "get_family"]
