@@ -7,6 +7,7 @@ import time
 from collections import Counter
 from typing import Any
 
+import cloudpickle
 from prefect import Task
 from prefect.client.schemas.objects import State
 from prefect.task_runners import TaskRunner
@@ -27,6 +28,7 @@ class TaskRow(BaseModel):
     seconds: float
     computed: int
     reused: int
+    input_bytes: int  # the task's inputs pickled, as a Dask or process runner ships them: small at any dataset size
 
     @property
     def label(self) -> str:
@@ -118,5 +120,6 @@ class StageRunner:
             seconds=round(seconds, 3),
             computed=0 if cached else result.computed,
             reused=result.computed + result.reused if cached else result.reused,
+            input_bytes=len(cloudpickle.dumps(inputs)),
         ))
         return result

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -66,8 +67,8 @@ def run(cfg: RunConfig) -> tuple[Report, dict[str, str]]:
 
 
 def task_states(flow_run_id) -> dict[str, str]:
-    """{stage: Prefect state name}; a sharded stage's shards must all be in one state (see shard_states)."""
-    return {stage: one_state(states, stage) for stage, states in shard_states(flow_run_id).items()}
+    """{stage: Prefect state name} (for a sharded stage, see `one_state`)."""
+    return {stage: one_state(states) for stage, states in shard_states(flow_run_id).items()}
 
 
 def shard_states(flow_run_id) -> dict[str, list[str]]:
@@ -85,9 +86,11 @@ def shard_index(task_run_name: str) -> int:
     return int(found.group(1)) if found else 0
 
 
-def one_state(states: list[str], stage: str) -> str:
-    assert len(set(states)) == 1, f"{stage}: shards in different states {states}"
-    return states[0]
+def one_state(states: list[str]) -> str:
+    """The state all of a stage's task runs are in, or how many are in which ("Cached 7, Completed 1")."""
+    if len(set(states)) == 1:
+        return states[0]
+    return ", ".join(f"{state} {states.count(state)}" for state in sorted(set(states)))
 
 
 def report_states(path: Path) -> dict[str, str]:
@@ -96,7 +99,16 @@ def report_states(path: Path) -> dict[str, str]:
     states: dict[str, list[str]] = {}
     for r in report.tasks:
         states.setdefault(stage_of(r.label), []).append(r.state)
-    return {stage: one_state(s, stage) for stage, s in states.items()}
+    return {stage: one_state(s) for stage, s in states.items()}
+
+
+def computed(reports: list[dict]) -> Counter:
+    """{stage: items computed}, summed over the shards and the JSON run reports of several runs."""
+    total = Counter()
+    for report in reports:
+        for r in Report.model_validate(report).tasks:
+            total[stage_of(r.label)] += r.computed
+    return total
 
 
 def session_env(**extra: str) -> dict[str, str]:

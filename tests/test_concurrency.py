@@ -6,10 +6,9 @@ import json
 import os
 import signal
 import time
-from collections import Counter
 
 from loraflow.builtin import builtin_path
-from tests.helpers import finish, session_env, small_config, start_cli, task_states
+from tests.helpers import computed, finish, session_env, small_config, start_cli, task_states
 
 STAGES = ["captions", "prompts", "null", "latents", "train", "sample"]
 
@@ -27,15 +26,12 @@ def test_two_runs_started_together_compute_each_stage_once(shapes, tmp_path):
     both = [task_states(r["flow_run_id"]) for r in reports]
     for stage in STAGES:  # Prefect's own task-run states, read from the server
         assert sorted(states[stage] for states in both) == ["Cached", "Completed"], stage
-    computed = Counter()
-    for r in reports:
-        for row in r["tasks"]:
-            computed[row["task"], row["role"]] += row["computed"]
+    done = computed(reports)
     assert max(row["seconds"] for r in reports for row in r["tasks"] if row["task"] == "train") > 1  # > the lease
     images = len(list(shapes.glob("*.png")))
-    assert computed["build-latent-cache", None] == images  # each latent encoded once, in all
+    assert done["latents"] == images  # each latent encoded once, in all
     captions = {p.read_text().strip() for p in shapes.glob("*.txt")}
-    assert computed["encode-prompts", "captions"] == len(captions)
+    assert done["captions"] == len(captions)
 
 
 def test_lock_of_a_killed_run_expires(shapes, tmp_path):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from loraflow.dataset import generate_shapes
-from tests.helpers import STAGES, report_states, run, session_env, small_config, snapshot, start_cli
+from tests.helpers import STAGES, computed, report_states, run, session_env, small_config, snapshot, start_cli
 
 pytestmark = pytest.mark.fault
 
@@ -151,16 +151,13 @@ def test_four_runs_started_together(tmp_path, round_):
         reports = [json.loads((folder / f"run{i}.json").read_text()) for i in range(4)]
         assert len({r["weights"] for r in reports}) == 1
         assert len({tuple(r["samples"]) for r in reports}) == 1
-        computed = Counter()
-        for r in reports:
-            for row in r["tasks"]:
-                computed[row["task"], row["role"]] += row["computed"]
+        done = computed(reports)
         images = 24  # builtin:shapes: 4 colours x 3 shapes x 2 variants
-        assert computed["build-latent-cache", None] == images
-        assert computed["encode-prompts", "captions"] == 12
-        assert computed["encode-prompts", "sample prompts"] == 0  # both sample prompts are captions too
-        assert computed["train", None] == cfg.train.steps
-        assert computed["sample", None] == len(cfg.sample.prompts) * cfg.sample.images_per_prompt
+        assert done["latents"] == images
+        assert done["captions"] == 12
+        assert done["prompts"] == 0  # both sample prompts are captions too
+        assert done["train"] == cfg.train.steps
+        assert done["sample"] == len(cfg.sample.prompts) * cfg.sample.images_per_prompt
         for i in range(4):  # Prefect's own states: each stage Completed by exactly one run
             assert set(report_states(folder / f"run{i}.json").values()) <= {"Completed", "Cached"}
         completed = Counter(stage for i in range(4) for stage, state in report_states(folder / f"run{i}.json").items()
