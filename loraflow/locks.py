@@ -9,7 +9,8 @@ Here every lock is a lease: it expires `lease_seconds` after it was last renewed
 the holding process renews it every third of that while the process lives. A killed holder stops
 renewing, and its lock is free at most one lease later. Lock files live on the local disk, so this
 serialises runs on one machine (or on a shared filesystem); runs on different hosts that share an
-object-store cache need a shared lock manager such as prefect-redis's `RedisLockManager`.
+object-store cache keep their locks in Redis instead (`LORAFLOW_LOCK_URL`, `loraflow.redis_locks`),
+leased and renewed the same way.
 """
 
 from __future__ import annotations
@@ -23,18 +24,72 @@ from pathlib import Path
 
 import pydantic_core
 from prefect.locking.filesystem import FileSystemLockManager
+from prefect.locking.protocol import LockManager
+from prefect.logging import get_logger
 from prefect.types._datetime import now
 
 DEFAULT_LEASE_SECONDS = 60.0
 
+logger = get_logger("loraflow.locks")
 
-class LeasedFileSystemLockManager(FileSystemLockManager):
-    def __init__(self, lock_files_directory: Path, lease_seconds: float = DEFAULT_LEASE_SECONDS):
-        super().__init__(lock_files_directory)
+
+def lock_manager(lock_files_directory: Path, lease_seconds: float, url: str | None = None) -> LockManager:
+    """File locks in `lock_files_directory`, or Redis locks when `url` (LORAFLOW_LOCK_URL) is set.
+    A bad URL, a missing `redis` extra or a server that does not answer is one error naming
+    LORAFLOW_LOCK_URL, raised here, when a run starts (never the URL itself: it may hold a password)."""
+    if not url:
+        return LeasedFileSystemLockManager(lock_files_directory, lease_seconds)
+    try:
+        from loraflow.redis_locks import connect
+    except ImportError as exc:
+        raise RuntimeError(f"LORAFLOW_LOCK_URL is set, but prefect-redis is not installed "
+                           f"(pip install -e '.[redis]'): {exc}") from None
+    return connect(url, lease_seconds)
+
+
+class LeaseRenewal:
+    """A daemon thread that renews every lock this process holds, every third of a lease.
+
+    A manager calls `_init_leases` when it is made, `_hold` once it has a lock and `_forget` before
+    it releases one, and implements `_renew(key, holder)`: extend the lock by one lease if (and only
+    if) it is still this holder's, taking `_mutex` so that a release never interleaves."""
+
+    def _init_leases(self, lease_seconds: float) -> None:
         self.lease_seconds = lease_seconds
         self._held: dict[str, str] = {}  # key -> holder, for locks this process holds
         self._mutex = threading.Lock()
         self._renewer: threading.Thread | None = None
+
+    def _hold(self, key: str, holder: str) -> None:
+        with self._mutex:
+            self._held[key] = holder
+            if self._renewer is None or not self._renewer.is_alive():
+                self._renewer = threading.Thread(target=self._renew_forever, name="loraflow-lock-lease", daemon=True)
+                self._renewer.start()
+
+    def _forget(self, key: str) -> None:
+        with self._mutex:
+            self._held.pop(key, None)
+
+    def _renew_forever(self) -> None:
+        while True:
+            time.sleep(self.lease_seconds / 3)
+            with self._mutex:
+                held = dict(self._held)
+            for key, holder in held.items():
+                try:
+                    self._renew(key, holder)
+                except Exception as exc:  # a failed renewal (e.g. the server briefly away) is retried next time
+                    logger.warning("could not renew the lock on %s: %s", key[:12], exc)
+
+    def _renew(self, key: str, holder: str) -> None:
+        raise NotImplementedError
+
+
+class LeasedFileSystemLockManager(LeaseRenewal, FileSystemLockManager):
+    def __init__(self, lock_files_directory: Path, lease_seconds: float = DEFAULT_LEASE_SECONDS):
+        super().__init__(lock_files_directory)
+        self._init_leases(lease_seconds)
 
     def acquire_lock(self, key, holder, acquire_timeout=None, hold_timeout=None) -> bool:
         """Take the lock, waiting for another holder's lease to end. The lock file appears with its
@@ -76,24 +131,8 @@ class LeasedFileSystemLockManager(FileSystemLockManager):
         return tmp
 
     def release_lock(self, key, holder) -> None:
-        with self._mutex:
-            self._held.pop(key, None)
+        self._forget(key)
         super().release_lock(key, holder)
-
-    def _hold(self, key: str, holder: str) -> None:
-        with self._mutex:
-            self._held[key] = holder
-            if self._renewer is None or not self._renewer.is_alive():
-                self._renewer = threading.Thread(target=self._renew_forever, name="loraflow-lock-lease", daemon=True)
-                self._renewer.start()
-
-    def _renew_forever(self) -> None:
-        while True:
-            time.sleep(self.lease_seconds / 3)
-            with self._mutex:
-                held = dict(self._held)
-            for key, holder in held.items():
-                self._renew(key, holder)
 
     def _renew(self, key: str, holder: str) -> None:
         """Push the lock's expiry one lease ahead, if it is still this holder's."""

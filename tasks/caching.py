@@ -31,13 +31,14 @@ from prefect.serializers import JSONSerializer
 from loraflow import CACHE_VERSION
 from loraflow.builtin import cache_root
 from loraflow.hashing import content_key
-from loraflow.locks import DEFAULT_LEASE_SECONDS, LeasedFileSystemLockManager
+from loraflow.locks import DEFAULT_LEASE_SECONDS, lock_manager
 from loraflow.store import Store
 
 logger = get_logger("loraflow.cache")
 
-LOCKS = LeasedFileSystemLockManager(
-    cache_root() / "locks", float(os.environ.get("LORAFLOW_LOCK_LEASE_SECONDS", DEFAULT_LEASE_SECONDS)))
+LOCKS = lock_manager(  # in Redis when LORAFLOW_LOCK_URL is set (runs on several hosts), else lock files
+    cache_root() / "locks", float(os.environ.get("LORAFLOW_LOCK_LEASE_SECONDS", DEFAULT_LEASE_SECONDS)),
+    os.environ.get("LORAFLOW_LOCK_URL"))
 
 
 @dataclass
