@@ -76,6 +76,9 @@ class LeaseRenewal:
             time.sleep(self.lease_seconds / 3)
             with self._mutex:
                 held = dict(self._held)
+                if not held:  # nothing left to renew: the next `_hold` starts another thread
+                    self._renewer = None
+                    return
             for key, holder in held.items():
                 try:
                     self._renew(key, holder)
@@ -84,6 +87,19 @@ class LeaseRenewal:
 
     def _renew(self, key: str, holder: str) -> None:
         raise NotImplementedError
+
+    # A manager travels with the cache policy to wherever a task runs (a Dask worker process). The
+    # copy holds none of this process's locks and renews its own.
+    def __getstate__(self) -> dict:
+        state = {**super().__getstate__(), "lease_seconds": self.lease_seconds}
+        for name in ("_held", "_mutex", "_renewer"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        parent = getattr(super(), "__setstate__", None)
+        parent(state) if parent else self.__dict__.update(state)
+        self._init_leases(state["lease_seconds"])
 
 
 class LeasedFileSystemLockManager(LeaseRenewal, FileSystemLockManager):

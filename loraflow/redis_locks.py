@@ -80,10 +80,3 @@ class LeasedRedisLockManager(LeaseRenewal, RedisLockManager):
             except LockError:  # lapsed (and maybe taken by another run): not ours to extend
                 self._held.pop(key, None)
                 logger.warning("the lock on %s lapsed before it was renewed: another run may compute it too", key[:12])
-
-    def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "lease_seconds": self.lease_seconds}
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        self._init_leases(state["lease_seconds"])

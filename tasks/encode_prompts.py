@@ -11,7 +11,7 @@ from prefect import get_run_logger, task
 
 from loraflow.batching import GPU_PROMPT_BATCH, batch_size_for, chunks, padded_pass
 from loraflow.config import EncoderConfig
-from loraflow.families import LOADING, get_family
+from loraflow.families import get_family, loaded
 from loraflow.hashing import content_key
 from loraflow.manifests import Embeddings
 from loraflow.models import Component
@@ -40,8 +40,7 @@ def encode_prompts(prompts: ListRef, family: str, text_encoder: Component, setti
     if todo:
         fam = get_family(family)
         device = PartialState().device
-        with LOADING:
-            encoder = fam.load_text_encoder(text_encoder.path, settings, device)
+        encoder = loaded(fam.load_text_encoder, text_encoder.path, settings, device)
         size = batch_size_for(settings.batch_size, device, GPU_PROMPT_BATCH)
         for batch in chunks(todo, size):
             embeddings = padded_pass(lambda texts: fam.encode(encoder, texts, settings), [p for p, _ in batch], size)

@@ -17,7 +17,7 @@ from prefect import get_run_logger, task
 
 from loraflow.batching import GPU_IMAGE_BATCH, batch_size_for, chunks, padded_pass, prefetched, worker_pool
 from loraflow.dataset import DatasetError, ImageItem, read_image, to_pixels
-from loraflow.families import LOADING, get_family
+from loraflow.families import get_family, loaded
 from loraflow.hashing import content_key, sha256_bytes
 from loraflow.manifests import Latents
 from loraflow.models import Component
@@ -78,8 +78,7 @@ def encode_latents(todo: list[tuple[ImageItem, str]], family: str, vae: Componen
     """Encode and store every (image, key) in `todo`; {image sha256: stored latent}."""
     fam = get_family(family)
     device = PartialState().device
-    with LOADING:
-        model = fam.load_vae(vae.path, device)
+    model = loaded(fam.load_vae, vae.path, device)
     size = batch_size_for(batch_size, device, GPU_IMAGE_BATCH)
 
     def encode(pixels: list[torch.Tensor]) -> torch.Tensor:

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,12 +74,23 @@ def task_states(flow_run_id) -> dict[str, str]:
 
 def shard_states(flow_run_id) -> dict[str, list[str]]:
     """{stage: Prefect state name of each of its task runs (one per shard), in shard order}."""
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    runs = final_task_runs(flow_run_id)
     states: dict[str, list[str]] = {}
     for r in sorted(runs, key=lambda r: shard_index(r.name)):
         states.setdefault(stage_of(r.name), []).append(r.state.name)
     return states
+
+
+def final_task_runs(flow_run_id, seconds: float = 60) -> list:
+    """The flow run's task runs once the server has recorded a final state for each: Prefect
+    sends task-run states as events, which the server records a moment after the flow returns."""
+    deadline = time.monotonic() + seconds
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            if all(r.state is not None and r.state.is_final() for r in runs) or time.monotonic() > deadline:
+                return runs
+            time.sleep(0.2)
 
 
 def shard_index(task_run_name: str) -> int:

@@ -14,10 +14,15 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-# Held while a model loads. diffusers and transformers build a model on the meta device by patching
-# torch for the whole process (accelerate's `init_empty_weights`), so a model another thread loads
-# at the same moment (shards run in threads) would come out empty.
-LOADING = threading.Lock()
+_LOADING = threading.Lock()
+
+
+def loaded(load, *args):
+    """`load(*args)`, one model at a time per process. diffusers and transformers build a model on
+    the meta device by patching torch for the whole process (accelerate's `init_empty_weights`), so
+    a model another thread loads at the same moment (shards run in threads) would come out empty."""
+    with _LOADING:
+        return load(*args)
 
 
 def get_family(name: str) -> Family:
@@ -27,4 +32,4 @@ def get_family(name: str) -> Family:
         raise ValueError(f"model.family: unknown family {name!r}; known: {', '.join(FAMILIES)}") from None
 
 
-__all__ = ["Cond", "Family", "FAMILIES", "LOADING", "get_family"]
+__all__ = ["Cond", "Family", "FAMILIES", "loaded", "get_family"]
