@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/scale.py [--sizes 1000 10000 100000] [--steps 20]
 
-For each size N: generates N distinct 32 px images with distinct captions, then runs the flow on
+For each size N: generates N distinct 32 px images (up to 1,000 distinct captions), then runs the flow on
 the tiny SD model (one Prefect server for the whole benchmark):
 - cold: build-latent-cache's images/s, and a bare loop of batched `vae.encode` over the same
   images (read, decode, cut, encode; nothing stored) for comparison;
@@ -10,7 +10,9 @@ the tiny SD model (one Prefect server for the whole benchmark):
   (a no-op run of a six-task cached flow on the same server);
 - a re-run after one image was added;
 - peak RSS of the process during a run in which only training runs (VmHWM, reset before it).
-Prints a markdown table and the load average.
+Then the sharded stages on Prefect task runners, cold, on `--dask-images` images: one thread
+(torch on one thread) against a local Dask cluster of two worker processes of one thread each.
+Prints markdown tables and the load average.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def make_dataset(folder: Path, count: int, seed: int = 0) -> None:
     for i in range(count):
         pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / f"{i:06d}.png")
-        (folder / f"{i:06d}.txt").write_text(f"picture number {i}\n")
+        (folder / f"{i:06d}.txt").write_text(f"picture number {i % 1000}\n")  # up to 1,000 distinct captions
 
 
 def bare_loop(folder: Path, batch: int) -> float:
@@ -90,10 +92,41 @@ def peak_rss_mib(fn) -> float:
     return float("nan")
 
 
+def sharded_seconds(report) -> float:
+    """Wall time of the sharded stages: the last shard's finish, counted from their submission."""
+    return max(r.seconds for r in report.tasks if r.task in ("build-latent-cache", "encode-prompts")
+               and r.role != "sample prompts")
+
+
+def runner_speedup(tmp: Path, count: int) -> list[tuple[str, float, int]]:
+    """(runner, seconds of the sharded stages, shards) for a cold run on each runner."""
+    import torch
+
+    from flows.finetune import finetune
+    from loraflow.config import RunConfig
+
+    data = tmp / "data-runners"
+    make_dataset(data, count, seed=7)
+    rows = []
+    threads = torch.get_num_threads()
+    for name, runner in [("threads, 1 worker, 1 torch thread", {"workers": 1}),
+                         ("Dask local cluster, 2 workers x 1 thread", {"kind": "dask", "workers": 2})]:
+        torch.set_num_threads(1)
+        cfg = RunConfig.model_validate({
+            "dataset": {"source": str(data), "shard_size": max(1, count // 8)},
+            "train": {"steps": 1, "checkpoint_every": 1}, "sample": {"prompts": []},
+            "runner": runner, "store": str(tmp / f"store-runner-{len(rows)}")})
+        report = finetune(cfg)
+        torch.set_num_threads(threads)
+        rows.append((name, sharded_seconds(report), sum(r.task == "build-latent-cache" for r in report.tasks)))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--dask-images", type=int, default=4000)
     args = parser.parse_args()
 
     from flows.finetune import finetune
@@ -117,7 +150,7 @@ def main() -> None:
         })
         bare = bare_loop(data, batch=8)
         cold_s, cold = timed(lambda: finetune(cfg))
-        (latents,) = [r for r in cold.tasks if r.label == "build-latent-cache"]
+        latents = [r for r in cold.tasks if r.task == "build-latent-cache"]
         first_s, _ = timed(lambda: finetune(cfg))
         steady_s, _ = timed(lambda: finetune(cfg))
         make_dataset(tmp / "extra", 1, seed=n)
@@ -127,18 +160,26 @@ def main() -> None:
         added_s, _ = timed(lambda: finetune(cfg))
         retrain = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": 1})})
         rss = peak_rss_mib(lambda: finetune(retrain))
-        rows.append((n, latents.computed / latents.seconds, bare, cold_s, first_s - floor, steady_s - floor,
-                     added_s, rss))
+        rows.append((n, len(latents), sum(r.computed for r in latents) / max(r.seconds for r in latents), bare, cold_s,
+                     first_s - floor, steady_s - floor, added_s, rss))
         print(f"done: {n} images", flush=True)
 
     print(f"\ntiny SD, 32 px, train {args.steps} steps; floor (six cached tasks, no-op) {floor:.2f} s; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print("| images | latent cache img/s | bare loop img/s | ratio | cold run s | first re-run − floor s "
+    print("| images | shards | latent cache img/s | bare loop img/s | ratio | cold run s | first re-run − floor s "
           "| steady re-run − floor s | one image added s | train-only run peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for n, cache, bare, cold_s, first, steady, added, rss in rows:
-        print(f"| {n} | {cache:.0f} | {bare:.0f} | {cache / bare:.2f} | {cold_s:.1f} | {first:.2f} | {steady:.2f} "
-              f"| {added:.1f} | {rss:.0f} |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for n, shards, cache, bare, cold_s, first, steady, added, rss in rows:
+        print(f"| {n} | {shards} | {cache:.0f} | {bare:.0f} | {cache / bare:.2f} | {cold_s:.1f} | {first:.2f} "
+              f"| {steady:.2f} | {added:.1f} | {rss:.0f} |")
+    if args.dask_images:
+        speed = runner_speedup(tmp, args.dask_images)
+        print(f"\nsharded stages, cold, {args.dask_images} images (latents and captions), 8 shards")
+        print("| task runner | seconds | shards | speed-up |")
+        print("|---|---|---|---|")
+        for name, seconds, shards in speed:
+            print(f"| {name} | {seconds:.1f} | {shards} | {speed[0][1] / seconds:.2f}x |")
+        print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ def finetune(cfg: RunConfig = RunConfig()) -> Report:
     with task_runner(cfg.runner) as runner:  # threads here, or Dask workers
         caption_parts, latent_parts = run.map(
             runner,
-            [(encode_prompts, dict(prompts=ref, role=f"captions {label}", **text)) for label, ref in caption_shards.items()],
+            [(encode_prompts, dict(prompts=ref, role=f"captions {label}", **text))
+             for label, ref in caption_shards.items()],
             [(build_latent_cache, dict(images=ref, shard=label, **vae)) for label, ref in image_shards.items()])
     prompts = (run(encode_prompts, role="sample prompts", prompts=store.put_list(sample_prompts), **text)
                if sample_prompts else None)

@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+import threading
 from typing import TypeVar
 
 import torch
@@ -33,9 +34,17 @@ def batch_size_for(configured: int | None, device: torch.device, gpu_default: in
     return CPU_BATCH if device.type == "cpu" else gpu_default
 
 
+# Set when the run is told to stop (the CLI's SIGINT/SIGTERM handler). A signal interrupts only the
+# main thread; shards encoding in worker threads stop at their next batch, as an interrupt, so
+# Prefect marks them Crashed too.
+STOP = threading.Event()
+
+
 def chunks(items: Sequence[T], size: int) -> Iterator[list[T]]:
     """`items` in order, `size` at a time (the last chunk may be shorter)."""
     for start in range(0, len(items), size):
+        if STOP.is_set():
+            raise KeyboardInterrupt("the run was stopped")
         yield list(items[start : start + size])
 
 

@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         say(f"run failed: {one_line(exc)} (full log: {log_file})")
         return EXIT_FAILED
     finally:
+        if _signalled:
+            from loraflow.batching import STOP
+
+            STOP.clear()
         _signalled.clear()
         detach_logging()
 
@@ -92,7 +96,10 @@ def run_flow(args: argparse.Namespace, log_file: Path) -> int:
 
 
 def _raise_stopped(signum, frame):
+    from loraflow.batching import STOP
+
     _signalled.append(signum)
+    STOP.set()  # shards in worker threads stop too
     raise Stopped(signum)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections import Counter
@@ -13,6 +14,7 @@ from prefect.client.schemas.objects import State
 from prefect.task_runners import TaskRunner
 from pydantic import BaseModel
 
+from loraflow.batching import STOP
 from loraflow.manifests import Manifest
 from loraflow.store import Store
 
@@ -60,9 +62,9 @@ class Report(BaseModel):
                 r = rows[0]
                 lines.append((r.label, r.state, r.computed, r.reused, r.seconds, r.cache_key[:12]))
                 continue
-            states = Counter(r.state for r in rows)
-            lines.append((f"{label} ×{len(rows)} shards", ", ".join(f"{s} {n}" for s, n in sorted(states.items(), reverse=True)),
-                          sum(r.computed for r in rows), sum(r.reused for r in rows), max(r.seconds for r in rows), ""))
+            states = ", ".join(f"{s} {n}" for s, n in sorted(Counter(r.state for r in rows).items(), reverse=True))
+            lines.append((f"{label} ×{len(rows)} shards", states, sum(r.computed for r in rows),
+                          sum(r.reused for r in rows), max(r.seconds for r in rows), ""))
         return lines
 
     def table(self) -> str:
@@ -79,6 +81,9 @@ class Report(BaseModel):
             rows.append(f"| {label} | {state} | {computed} | {reused} | {seconds:.2f} | `{key}` |")
         rows += ["", f"weights: `{self.weights}`", "", f"samples: {len(self.samples)} image(s) in `{self.store}`"]
         return "\n".join(rows)
+
+
+STOP_WAIT_S = 30  # how long a stopped run waits for each shard still running to end
 
 
 class StageRunner:
@@ -102,13 +107,24 @@ class StageRunner:
         started = time.perf_counter()
         submitted = [[(task, inputs, runner.submit(task.with_options(result_storage=self.records), inputs))
                       for task, inputs in group] for group in groups]
-        results = []
-        for group in submitted:
-            results.append([])
-            for task, inputs, future in group:
-                future.wait()
-                results[-1].append(self._row(task, inputs, future.state, time.perf_counter() - started))
-        return results
+        finished = {}
+        try:
+            for group in submitted:
+                for _, _, future in group:
+                    future.wait()
+                    finished[id(future)] = time.perf_counter() - started
+        except BaseException:  # stopped (a signal reaches only this thread): let the shards end first
+            STOP.set()  # in threads they stop at their next batch, and Prefect records them Crashed
+            try:
+                for group in submitted:
+                    for _, _, future in group:
+                        with contextlib.suppress(BaseException):  # a shard's own interrupt: the stop raised here wins
+                            future.wait(timeout=STOP_WAIT_S)
+            finally:
+                STOP.clear()
+            raise
+        return [[self._row(task, inputs, future.state, finished[id(future)]) for task, inputs, future in group]
+                for group in submitted]
 
     def _row(self, task: Task, inputs: dict[str, Any], state: State, seconds: float) -> Any:
         result: Manifest = state.result()  # raises the task's error if it failed

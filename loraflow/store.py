@@ -15,13 +15,15 @@ checks the key sealed in them: a missing, truncated or altered object, or one co
 key, is a miss (`ArtifactMissing`), never a crash or a None.
 Checking that a manifest's objects are intact (`broken`), or looking many keys up (`find_many`),
 costs one listing per object kind and run, and re-reads only objects whose stamp (size + ETag or
-mtime) was never verified on this machine; what this machine wrote is entered as verified. Tensors are safetensors; nothing
-here ever unpickles. Prefect's cache records live in the store too (`StoreRecords`).
+mtime) was never verified on this machine; what this machine wrote is entered as verified.
+Tensors are safetensors; nothing here ever unpickles. Prefect's cache records live in the store
+too (`StoreRecords`).
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -85,7 +87,7 @@ class Store:
             url = str(Path(url).expanduser().resolve())
         self.url = url.rstrip("/")
         self.storage_options = storage_options or {}
-        self._listings: dict[str, dict[str, str]] = {}  # object kind -> its listing (see `_listing`)
+        self.opened = uuid.uuid4().hex  # this Store and its copies sent to workers share listings (`_listing`)
         bucket = None
         try:
             self.fs, self.root = url_to_fs(self.url, **self.storage_options)
@@ -127,8 +129,8 @@ class Store:
         # Known-good from here on: a later check of this version of the file does not read it back.
         info = self.fs.info(self.abs(path))
         digests().put(remote_stamp(self.url_of(path), info), digest)
-        if kind in self._listings and version(info):
-            self._listings[kind][path] = version(info)
+        if kind in self._listings:
+            self._listings[kind][path] = version(info) or ""
         return ObjectRef(path=path, key=key, sha256=digest)
 
     def find(self, kind: str, key: str, ext: str) -> ObjectRef | None:
@@ -158,12 +160,12 @@ class Store:
 
         Looked up in one listing of the kind, not one request per key: an object whose stamp was
         verified before (or that this machine wrote) is not read; any other is read and checked.
-        Keys the listing lacks are looked for once more in a fresh listing (another run may have
-        stored them since).
+        Keys the listing lacks (not those it has, corrupt) are looked for once more in a fresh
+        listing: another run may have stored them since.
         """
         wanted = {self.object_path(kind, key, ext): None for key in keys}
         found = self._intact(kind, wanted, fresh=False)
-        missing = {path: None for path in wanted if path not in found}
+        missing = {path: None for path in wanted if path not in self._listings[kind]}  # unlisted, not corrupt
         if missing:
             found.update(self._intact(kind, missing, fresh=True))
         return {ref.key: ref for ref in found.values()}
@@ -171,10 +173,10 @@ class Store:
     def broken(self, refs: list[ObjectRef]) -> list[ObjectRef]:
         """The refs whose object is missing, does not match its checksum or was made for another key.
 
-        Checked against one listing per object kind (taken once per `Store`, i.e. once per run and
-        process, then reused); an object is read and re-hashed only if this version of it (its
-        stamp) was never verified on this machine. An object the listing lacks is looked for in
-        a fresh listing before it counts as missing.
+        Checked against one listing per object kind (taken once per run and process, then reused);
+        an object is read and re-hashed only if this version of it (its stamp) was never verified on
+        this machine. An object the listing lacks is looked for in a fresh listing before it counts
+        as missing.
         """
         bad, by_kind = [], {}
         for ref in refs:
@@ -185,7 +187,7 @@ class Store:
                 by_kind.setdefault(kind, {})[ref.path] = ref.sha256
         for kind, wanted in by_kind.items():
             intact = self._intact(kind, wanted, fresh=False)
-            missing = {path: sha for path, sha in wanted.items() if path not in intact}
+            missing = {path: sha for path, sha in wanted.items() if path not in self._listings[kind]}
             if missing:
                 intact.update(self._intact(kind, missing, fresh=True))
             bad += [ref for ref in refs if ref.path in wanted and ref.path not in intact]
@@ -196,7 +198,8 @@ class Store:
         anew) holds, whole and intact. `wanted` maps a path to the sha256 it must have (a
         manifest's ref), or to None: then its checksum file says."""
         listing = self._listing(kind, fresh)
-        stamps = {path: f"{self.url_of(path)}|{listing[path]}" for path in wanted if path in listing}
+        stamps = {path: f"{self.url_of(path)}|{listing[path]}" if listing[path] else None
+                  for path in wanted if path in listing}  # None: the filesystem gives no version, read it
         known = digests().get_many(list(stamps.values()))
         intact, verified = {}, []
         for path, stamp in stamps.items():
@@ -215,9 +218,10 @@ class Store:
         return intact
 
     def _listing(self, kind: str, fresh: bool) -> dict[str, str]:
-        """{object path: its version (size + ETag or mtime, see `digests.version`)} for every
-        whole object under `objects/<kind>` (checksum file present), listed once per `Store`
-        unless `fresh`. Temporary files of killed writes found on the way are swept."""
+        """{object path: its version (size + ETag or mtime, see `digests.version`; "" where the
+        filesystem gives none)} for every whole object under `objects/<kind>` (checksum file
+        present), listed once per run (`_listings`) unless `fresh`. Temporary files of killed
+        writes found on the way are swept."""
         if fresh or kind not in self._listings:
             self.fs.invalidate_cache(self.abs(f"objects/{kind}"))  # other runs may have written since
             try:
@@ -227,12 +231,21 @@ class Store:
             self.sweep_partial(found)
             skip = len(self.fs._strip_protocol(self.root)) + 1
             files = {self.fs._strip_protocol(path)[skip:]: info for path, info in found.items()}
-            self._listings[kind] = {path: listed for path, info in files.items()
-                                    if path + ".sha256" in files and (listed := version(info))}
+            self._listings[kind] = {path: version(info) or "" for path, info in files.items()
+                                    if path + ".sha256" in files}
         return self._listings[kind]
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_listings": {}}  # a copy sent to a worker lists for itself
+    @property
+    def _listings(self) -> dict[str, dict[str, str]]:
+        """{object kind: its listing}, shared by this Store and every copy of it in this process:
+        a Dask worker running many shards of one run lists each kind once. Listings of earlier
+        runs on the same store are dropped."""
+        with _LISTINGS_LOCK:
+            if (self.url, self.opened) not in _LISTINGS:
+                for stale in [k for k in _LISTINGS if k[0] == self.url]:
+                    del _LISTINGS[stale]
+                _LISTINGS[self.url, self.opened] = {}
+            return _LISTINGS[self.url, self.opened]
 
     def put_list(self, items: list) -> ListRef:
         """Store a long list (pydantic models or plain JSON values) as one sealed JSON object and
@@ -311,6 +324,10 @@ class Store:
                 time.sleep(0.2 * (attempt + 1))
         records._store = self
         return records
+
+
+_LISTINGS: dict[tuple[str, str], dict[str, dict[str, str]]] = {}  # (store URL, Store.opened) -> listings
+_LISTINGS_LOCK = threading.Lock()
 
 
 class StoreRecords(WritableFileSystem):

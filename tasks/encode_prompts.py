@@ -6,12 +6,11 @@ its key and the batch size, never on which other prompts share its pass.
 
 from __future__ import annotations
 
-from accelerate import PartialState
 from prefect import get_run_logger, task
 
 from loraflow.batching import GPU_PROMPT_BATCH, batch_size_for, chunks, padded_pass
 from loraflow.config import EncoderConfig
-from loraflow.families import get_family, loaded
+from loraflow.families import get_family, loaded, pick_device
 from loraflow.hashing import content_key
 from loraflow.manifests import Embeddings
 from loraflow.models import Component
@@ -39,7 +38,7 @@ def encode_prompts(prompts: ListRef, family: str, text_encoder: Component, setti
     todo = [(prompt, key) for prompt, key in keys.items() if key not in found]
     if todo:
         fam = get_family(family)
-        device = PartialState().device
+        device = pick_device()
         encoder = loaded(fam.load_text_encoder, text_encoder.path, settings, device)
         size = batch_size_for(settings.batch_size, device, GPU_PROMPT_BATCH)
         for batch in chunks(todo, size):

@@ -12,12 +12,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
-from accelerate import PartialState
 from prefect import get_run_logger, task
 
 from loraflow.batching import GPU_IMAGE_BATCH, batch_size_for, chunks, padded_pass, prefetched, worker_pool
 from loraflow.dataset import DatasetError, ImageItem, read_image, to_pixels
-from loraflow.families import get_family, loaded
+from loraflow.families import get_family, loaded, pick_device
 from loraflow.hashing import content_key, sha256_bytes
 from loraflow.manifests import Latents
 from loraflow.models import Component
@@ -77,7 +76,7 @@ def encode_latents(todo: list[tuple[ImageItem, str]], family: str, vae: Componen
                    center_crop: bool, flip: bool, store: Store, batch_size: int | None) -> dict[str, ObjectRef]:
     """Encode and store every (image, key) in `todo`; {image sha256: stored latent}."""
     fam = get_family(family)
-    device = PartialState().device
+    device = pick_device()
     model = loaded(fam.load_vae, vae.path, device)
     size = batch_size_for(batch_size, device, GPU_IMAGE_BATCH)
 

@@ -6,11 +6,10 @@ asks for it whenever either needs it; no setting can skip it.
 
 from __future__ import annotations
 
-from accelerate import PartialState
 from prefect import task
 
 from loraflow.config import EncoderConfig
-from loraflow.families import get_family
+from loraflow.families import get_family, pick_device
 from loraflow.hashing import content_key
 from loraflow.manifests import NullEmbedding
 from loraflow.models import Component
@@ -32,6 +31,6 @@ def null_embedding(family: str, text_encoder: Component, settings: EncoderConfig
     if ref:
         return NullEmbedding(embedding=ref, reused=1)
     fam = get_family(family)
-    encoder = fam.load_text_encoder(text_encoder.path, settings, PartialState().device)
+    encoder = fam.load_text_encoder(text_encoder.path, settings, pick_device())
     embedding = fam.null_embedding(encoder, settings)
     return NullEmbedding(embedding=store.put_tensors("null", key, embedding), computed=1)

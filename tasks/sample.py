@@ -11,11 +11,10 @@ import io
 
 import torch
 from PIL import PngImagePlugin
-from accelerate import PartialState
 from prefect import get_run_logger, task
 
 from loraflow.config import SamplerSettings
-from loraflow.families import get_family
+from loraflow.families import get_family, pick_device
 from loraflow.hashing import content_key
 from loraflow.manifests import Embeddings, NullEmbedding, SampleImage, Samples, Weights
 from loraflow.models import Component
@@ -51,7 +50,7 @@ def sample(family: str, denoiser: Component, vae: Component, weights: Weights, p
 
     if todo:
         fam = get_family(family)
-        device = PartialState().device
+        device = pick_device()
         vae_model = fam.load_vae(vae.path, device)
         null_cond = {k: v.to(device) for k, v in store.read_tensors(null.embedding).items()}
         for step, jobs in todo.items():

@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 
 import torch
-from accelerate import PartialState
 from prefect import get_run_logger, task
 from safetensors.torch import load as load_safetensors
 
 from loraflow.config import TrainConfig
-from loraflow.families import get_family
+from loraflow.families import get_family, pick_device
 from loraflow.hashing import content_key
 from loraflow.manifests import Example, NullEmbedding, Weights
 from loraflow.models import Component
@@ -47,7 +46,7 @@ def train(family: str, denoiser: Component, examples: ListRef, null: NullEmbeddi
     null_cond = store.read_tensors(null.embedding) if hp.caption_dropout > 0 else None
 
     # Model and optimizer, on accelerate's pick of device (a GPU when there is one).
-    device = PartialState().device
+    device = pick_device()
     torch.manual_seed(hp.seed)
     model = fam.load_denoiser(denoiser.path)
     if hp.method == "lora":

@@ -58,8 +58,8 @@ STAGE_STARTED = {
     "train": lambda s: objects(s, "checkpoints") >= 2,
     "sample": lambda s: objects(s, "samples") >= 3,
 }
-TASK_OF_STAGE = {"captions": "encode-prompts[captions]", "prompts": "encode-prompts[sample prompts]",
-                 "null": "null-embedding", "latents": "build-latent-cache", "train": "train", "sample": "sample"}
+TASK_OF_STAGE = {"captions": "encode-prompts[captions 1/1]", "prompts": "encode-prompts[sample prompts]",
+                 "null": "null-embedding", "latents": "build-latent-cache[1/1]", "train": "train", "sample": "sample"}
 # null-embedding encodes one prompt in ~0.1 s and stores nothing before it ends, so no store event
 # marks its middle: a signal aimed at it lands around it (the stage before, the flow between two
 # tasks, or the stage after). The test still proves a stop there exits fast and resumes exactly.

@@ -104,7 +104,7 @@ def test_an_object_copied_under_another_key_is_a_miss(store, tmp_path):
             store.read(swapped)
         assert store.broken([swapped]) == [swapped]
     with pytest.raises(ValueError, match="cannot seal"):
-        store.put("samples", "k", b"{}", "json")
+        store.put("samples", "k", b"{}", "bin")
 
 
 def test_seal_round_trip_and_canonical_header():

@@ -2,6 +2,9 @@
 
 import threading
 
+import torch
+from accelerate import PartialState
+
 from loraflow.families.base import Cond, Family
 from loraflow.families.flux import Flux
 from loraflow.families.sana import Sana
@@ -25,6 +28,13 @@ def loaded(load, *args):
         return load(*args)
 
 
+def pick_device() -> torch.device:
+    """The device accelerate picks (a GPU when there is one). The first call in a process sets up
+    accelerate's process-wide state, which two threads must not do at once (shards run in threads)."""
+    with _LOADING:
+        return PartialState().device
+
+
 def get_family(name: str) -> Family:
     try:
         return FAMILIES[name]
@@ -32,4 +42,4 @@ def get_family(name: str) -> Family:
         raise ValueError(f"model.family: unknown family {name!r}; known: {', '.join(FAMILIES)}") from None
 
 
-__all__ = ["Cond", "Family", "FAMILIES", "loaded", "get_family"]
+__all__ = ["Cond", "Family", "FAMILIES", "loaded", "pick_device", "get_family"]
