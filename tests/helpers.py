@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -137,6 +138,18 @@ def start_cli(config: RunConfig, folder: Path, name: str, env: dict[str, str] | 
         [sys.executable, "-m", "loraflow.cli", "run", "--config", str(folder / f"{name}.yaml"),
          "--report", str(folder / f"{name}.json")],
         env=env or session_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def kill_while_training(config: RunConfig, folder: Path, env: dict[str, str]) -> None:
+    """`loraflow run` as "killed", SIGKILLed once it has stored a checkpoint (it holds the train lock)."""
+    proc = start_cli(config, folder, "killed", env)
+    checkpoints = Path(config.store) / "objects" / "checkpoints"
+    deadline = time.monotonic() + 600
+    while not any(checkpoints.rglob("*.sha256")):  # training has started and holds its lock
+        assert proc.poll() is None and time.monotonic() < deadline, "the first run never reached training"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def finish(proc: subprocess.Popen) -> str:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import time
 
 from loraflow.builtin import builtin_path
-from tests.helpers import computed, finish, session_env, small_config, start_cli, task_states
+from tests.helpers import computed, finish, kill_while_training, session_env, small_config, start_cli, task_states
 
 STAGES = ["captions", "prompts", "null", "latents", "train", "sample"]
 
@@ -39,14 +37,7 @@ def test_lock_of_a_killed_run_expires(shapes, tmp_path):
     one lease for it, then trains (resuming from the killed run's checkpoint)."""
     lease = "3"
     cfg = small_config(tmp_path / "store", shapes, train={"steps": 400, "checkpoint_every": 10})
-    first = start_cli(cfg, tmp_path, "killed", session_env(LORAFLOW_LOCK_LEASE_SECONDS=lease))
-    checkpoints = tmp_path / "store" / "objects" / "checkpoints"
-    deadline = time.monotonic() + 600
-    while not any(checkpoints.rglob("*.sha256")):  # training has started and holds its lock
-        assert first.poll() is None and time.monotonic() < deadline, "the first run never reached training"
-        time.sleep(0.2)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    kill_while_training(cfg, tmp_path, session_env(LORAFLOW_LOCK_LEASE_SECONDS=lease))
     lock_dir = os.environ["LORAFLOW_HOME"] + "/locks"
     held = [json.loads(open(os.path.join(lock_dir, f)).read()) for f in os.listdir(lock_dir) if f.endswith(".lock")]
     assert held and all(lock["expiration"] for lock in held)  # left behind, with an expiry

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import time
 
@@ -15,7 +14,8 @@ import pytest
 from loraflow.builtin import builtin_path
 from loraflow.locks import lock_manager
 from tests.conftest import free_port
-from tests.helpers import STAGES, computed, finish, session_env, small_config, start_cli, task_states
+from tests.helpers import (STAGES, computed, finish, kill_while_training, session_env, small_config, start_cli,
+                           task_states)
 
 
 @pytest.fixture(scope="module")
@@ -93,14 +93,7 @@ def test_lock_of_a_killed_run_lapses(shapes, tmp_path, redis_db):
     lease = "3"
     cfg = small_config(tmp_path / "store", shapes, model={"source": str(builtin_path("tiny-sd"))},
                        train={"steps": 400, "checkpoint_every": 10})
-    first = start_cli(cfg, tmp_path, "killed", run_env(tmp_path, "killed", url, lease))
-    checkpoints = tmp_path / "store" / "objects" / "checkpoints"
-    deadline = time.monotonic() + 600
-    while not any(checkpoints.rglob("*.sha256")):  # training has started and holds its lock
-        assert first.poll() is None and time.monotonic() < deadline, "the first run never reached training"
-        time.sleep(0.2)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    kill_while_training(cfg, tmp_path, run_env(tmp_path, "killed", url, lease))
     held = client.keys("lock:*")
     assert held and all(0 < client.pttl(key) <= 3000 for key in held)  # left behind, expiring within a lease
 
