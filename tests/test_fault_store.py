@@ -121,7 +121,7 @@ def test_two_processes_write_the_same_bytes(clean, tmp_path):
         finish(start_cli(run_cfg, tmp_path, name, session_env(LORAFLOW_HOME=str(tmp_path / name / "home"), OMP_NUM_THREADS="1")))
         stores.append(objects(run_cfg.store))
     kinds = {path.split("/")[0] for path in stores[0]}
-    assert kinds == {"embeddings", "null", "latents", "weights", "checkpoints", "samples"}
+    assert kinds == {"embeddings", "null", "latents", "weights", "checkpoints", "samples", "lists"}
     assert stores[0] == stores[1]
 
 
