@@ -14,6 +14,7 @@ from prefect.runtime import deployment, flow_run
 
 from loraflow.config import RunConfig
 from loraflow.dataset import load_dataset, read_sample_prompts
+from loraflow.families import get_family
 from loraflow.manifests import Example
 from loraflow.models import check_resolution, resolve_model
 from loraflow.remote import storage_options
@@ -34,6 +35,7 @@ def finetune(cfg: RunConfig = RunConfig()) -> Report:
     store = Store(cfg.store, options)
     model = resolve_model(cfg.model, options)
     check_resolution(model, cfg.dataset.resolution)
+    get_family(model.family).check_train(cfg.train)
     images = load_dataset(cfg.dataset, options)
     sample_prompts = read_sample_prompts(cfg.sample, options)
     if not sample_prompts:

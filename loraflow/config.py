@@ -72,12 +72,47 @@ class TrainConfig(_Section):
     logit_std: float = 1.0
     mode_scale: float = 1.29
     guidance_embedding: float = 3.5  # fed to denoisers that embed a guidance value (FLUX.1-dev)
+    # SD3: the denoiser's output preconditioned to predict the clean latent, as diffusers' SD3
+    # trainer does by default (None: the family's default; only SD3 has the option).
+    precondition_outputs: bool | None = None
+    # Epsilon/v-prediction families (SD, SDXL): min-SNR loss weighting (5.0 is the paper's value)
+    # and an offset added to the noise per latent channel (about 0.05 helps very dark or bright images).
+    snr_gamma: float | None = Field(None, gt=0)
+    noise_offset: float = Field(0.0, ge=0)
+
+    # Optimization. `steps` counts optimizer steps, each over `gradient_accumulation_steps` batches.
+    optimizer: Literal["adamw", "adamw8bit", "prodigy"] = "adamw"  # adamw8bit: bitsandbytes, CUDA only
+    weight_decay: float = Field(1e-2, ge=0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                          "polynomial"] = "constant_with_warmup"  # diffusers' get_scheduler
+    lr_warmup_steps: int = Field(10, ge=0)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)  # None: no clipping
+    ema_decay: float | None = Field(None, gt=0, lt=1)  # an EMA of the trained weights, stored beside them
+
+    # LoRA: which layers (a preset: attention, + MLP, every linear layer, + the UNet's resnet convs),
+    # per-layer rank/alpha overrides (peft's rank_pattern/alpha_pattern: layer name pattern -> value)
+    # and DoRA (peft's use_dora).
+    lora_targets: Literal["attention", "attention_mlp", "all_linear", "conv"] = "attention"
+    rank_pattern: dict[str, int] = Field(default_factory=dict)
+    alpha_pattern: dict[str, float] = Field(default_factory=dict)
+    use_dora: bool = False
+
+    # How training runs, not what it learns: in no key.
+    # Recompute activations in the backward pass (less memory, about a third slower).
+    gradient_checkpointing: bool = False
     # Memory for latents and caption embeddings read during training (least recently used ones are
-    # dropped and read again when needed). How the data is held, not what is learned: in no key.
+    # dropped and read again when needed).
     data_cache_mb: int = Field(2048, ge=1)
+    log_every: int = Field(10, ge=1)  # a progress line every this many steps
+    # TensorBoard event files; None: $LORAFLOW_HOME/tensorboard/<run>. "" turns them off.
+    tensorboard_dir: str | None = None
 
     def cache_token(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"data_cache_mb"})
+        return self.model_dump(exclude=RUNTIME_ONLY)
+
+
+RUNTIME_ONLY = {"gradient_checkpointing", "data_cache_mb", "log_every", "tensorboard_dir"}
 
 
 class SamplerSettings(_Section):

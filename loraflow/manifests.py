@@ -60,13 +60,20 @@ class Weights(Manifest):
     method: str
     final_step: int
     steps: dict[int, ObjectRef]  # exported weights at every checkpoint step, the final one included
+    ema: dict[int, ObjectRef] = {}  # the EMA of the weights at the same steps (train.ema_decay)
+    # Every step's loss, learning rate, gradient norm and time (a stored list). A record of how
+    # training went, with wall-clock times in it: not part of what downstream keys hash.
+    metrics: ObjectRef | None = None
 
     @property
     def final(self) -> ObjectRef:
         return self.steps[self.final_step]
 
     def refs(self):
-        return list(self.steps.values())
+        return [*self.steps.values(), *self.ema.values(), *([self.metrics] if self.metrics else [])]
+
+    def cache_token(self) -> dict:
+        return {name: value for name, value in super().cache_token().items() if name != "metrics"}
 
 
 class SampleImage(BaseModel):

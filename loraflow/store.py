@@ -259,8 +259,14 @@ class Store:
 
     def read_list(self, listed: ListRef, item_type: type | None = None) -> list:
         """The items of a stored list, checked like every read; `item_type` validates each one."""
-        items = json.loads(unsealed_json(self.read(listed.ref)))
+        items = self.read_json(listed.ref)
         return [item_type.model_validate(i) for i in items] if item_type else items
+
+    def put_json(self, kind: str, key: str, value: Any) -> ObjectRef:
+        return self.put(kind, key, json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode(), "json")
+
+    def read_json(self, ref: ObjectRef) -> Any:
+        return json.loads(unsealed_json(self.read(ref)))
 
     def put_tensors(self, kind: str, key: str, tensors: dict[str, torch.Tensor],
                     metadata: dict[str, str] | None = None) -> ObjectRef:

@@ -219,6 +219,48 @@ def test_training_longer_resumes_from_the_shorter_run(baseline, tmp_path):
 
 
 @SD
+def test_training_longer_under_a_decaying_schedule_starts_over(baseline, tmp_path):
+    """A cosine schedule's learning rate at step 3 depends on the run's length: a 9-step run cannot
+    resume from a 6-step one's checkpoints."""
+    root, cfg = fork(baseline, tmp_path)
+    cfg["train"]["lr_scheduler"] = "cosine"
+    run(type(baseline[1]).model_validate(cfg))
+    cfg["train"]["steps"] = 9
+    report, states = run(type(baseline[1]).model_validate(cfg))
+    assert states == expect(train=R, sample=R)
+    assert (row(report, "train").reused, row(report, "train").computed) == (0, 9)
+
+
+# Each changes what training learns: train and sample re-run, nothing upstream.
+TRAINING_OPTIONS = [
+    ("lr_scheduler", "cosine"), ("lr_warmup_steps", 0), ("gradient_accumulation_steps", 2), ("max_grad_norm", None),
+    ("optimizer", "prodigy"), ("weight_decay", 0.0), ("snr_gamma", 5.0), ("noise_offset", 0.05), ("ema_decay", 0.9),
+    ("lora_targets", "attention_mlp"), ("use_dora", True), ("rank_pattern", {"to_q": 2}), ("alpha_pattern", {"to_q": 8.0}),
+]
+
+
+@SD
+@pytest.mark.parametrize("setting,value", TRAINING_OPTIONS)
+def test_training_option_changed(baseline, tmp_path, setting, value):
+    _, cfg = fork(baseline, tmp_path)
+    cfg["train"][setting] = value
+    report, states = run(type(baseline[1]).model_validate(cfg))
+    assert states == expect(train=R, sample=R)
+    assert row(report, "train").reused == 0
+
+
+# How training runs, not what it learns: nothing re-runs.
+@SD
+@pytest.mark.parametrize("setting,value", [("gradient_checkpointing", True), ("log_every", 1), ("data_cache_mb", 1),
+                                           ("tensorboard_dir", "")])
+def test_training_runtime_option_changed(baseline, tmp_path, setting, value):
+    _, cfg = fork(baseline, tmp_path)
+    cfg["train"][setting] = value
+    _, states = run(type(baseline[1]).model_validate(cfg))
+    assert states == expect()
+
+
+@SD
 def test_encoder_dtype_changed(baseline, tmp_path):
     root, cfg = fork(baseline, tmp_path)
     cfg["encoder"]["dtype"] = "bfloat16"
@@ -270,7 +312,7 @@ def test_sdxl_crop_coordinates_reach_time_ids(baseline, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("baseline", ["sd3"], indirect=True)
-@pytest.mark.parametrize("setting,value", [("weighting_scheme", "mode"), ("logit_std", 0.5)])
+@pytest.mark.parametrize("setting,value", [("weighting_scheme", "mode"), ("logit_std", 0.5), ("precondition_outputs", False)])
 def test_timestep_weighting_changed(baseline, tmp_path, setting, value):
     _, cfg = fork(baseline, tmp_path)
     cfg["train"][setting] = value

@@ -32,7 +32,11 @@ class Family:
     denoiser_folder: ClassVar[str]  # "unet" or "transformer": subfolder and LoRA prefix
     text_folders: ClassVar[tuple[str, ...]]
     vae_folders: ClassVar[tuple[str, ...]] = ("vae",)
-    lora_targets: ClassVar[list[str]]
+    lora_targets: ClassVar[list[str]]  # attention layers (the default preset)
+    mlp_targets: ClassVar[list[str]]  # added by the attention_mlp preset
+    # Objective options (in `TrainConfig`) this family's `training_loss` reads; the others must stay
+    # at their defaults (a set one would change the key and nothing else).
+    objective_options: ClassVar[frozenset[str]] = frozenset()
     default_max_length: ClassVar[int]
 
     @property
@@ -85,9 +89,38 @@ class Family:
         `encode`'s tensors stacked; hp: the objective's options (timestep weighting, guidance)."""
         raise NotImplementedError
 
-    def add_lora(self, denoiser: torch.nn.Module, rank: int, alpha: float) -> None:
-        denoiser.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                        target_modules=self.lora_targets))
+    def check_train(self, hp: TrainConfig) -> None:
+        """One clear error for an objective option this family has not got (before any task runs)."""
+        defaults = TrainConfig()
+        for name in sorted(OBJECTIVE_OPTIONS - self.objective_options):
+            if getattr(hp, name) != getattr(defaults, name):
+                users = sorted(f.name for f in _families() if name in f.objective_options)
+                raise ValueError(f"train.{name}: the {self.name} family's objective has no such option "
+                                 f"(it applies to {', '.join(users)})")
+        if hp.method == "full" and (hp.lora_targets != "attention" or hp.rank_pattern or hp.alpha_pattern or hp.use_dora):
+            raise ValueError("train.lora_targets, rank_pattern, alpha_pattern and use_dora apply to method: lora")
+
+    def lora_target_modules(self, denoiser: torch.nn.Module, preset: str) -> list[str]:
+        """peft `target_modules` for a `train.lora_targets` preset."""
+        if preset == "attention":
+            return list(self.lora_targets)
+        if preset == "attention_mlp":
+            return [*self.lora_targets, *self.mlp_targets]
+        if preset == "all_linear":
+            return sorted(name for name, m in denoiser.named_modules() if isinstance(m, torch.nn.Linear))
+        if preset == "conv":
+            convs = sorted(name for name, m in denoiser.named_modules()
+                           if isinstance(m, torch.nn.Conv2d) and ".resnets." in name)
+            if not convs:
+                raise ValueError(f"train.lora_targets: conv: the {self.name} denoiser has no resnet convolutions")
+            return [*self.lora_targets, *self.mlp_targets, *convs]
+        raise ValueError(f"train.lora_targets: unknown preset {preset!r}")
+
+    def add_lora(self, denoiser: torch.nn.Module, hp: TrainConfig) -> None:
+        denoiser.add_adapter(LoraConfig(
+            r=hp.rank, lora_alpha=hp.alpha, init_lora_weights="gaussian", use_dora=hp.use_dora,
+            target_modules=self.lora_target_modules(denoiser, hp.lora_targets),
+            rank_pattern=hp.rank_pattern, alpha_pattern=hp.alpha_pattern))
 
     def export_lora(self, denoiser: torch.nn.Module) -> bytes:
         """The LoRA as the bytes of the file the family's pipeline `load_lora_weights` reads."""
@@ -118,6 +151,16 @@ class Family:
                  size: int, generator: torch.Generator) -> Image.Image:
         raise NotImplementedError
 
+
+
+# Options of one kind of training objective or another (`Family.objective_options`).
+OBJECTIVE_OPTIONS = frozenset({"snr_gamma", "noise_offset", "precondition_outputs"})
+
+
+def _families():
+    from loraflow.families import FAMILIES
+
+    return FAMILIES.values()
 
 
 def with_pooled(cond: Cond, null: Cond) -> dict[str, torch.Tensor]:

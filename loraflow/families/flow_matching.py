@@ -15,7 +15,7 @@ from loraflow.config import TrainConfig
 
 def add_flow_noise(scheduler, latents: torch.Tensor, hp: TrainConfig, default_scheme: str,
                    generator: torch.Generator):
-    """(noisy latents, timesteps 0..1000, target `noise - x0`, loss weight per sample)."""
+    """(noisy latents, timesteps 0..1000, target `noise - x0`, loss weight per sample, sigmas)."""
     scheme = hp.weighting_scheme or default_scheme
     # Random draws come from the CPU generator (its state is checkpointed), then move.
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
@@ -26,7 +26,7 @@ def add_flow_noise(scheduler, latents: torch.Tensor, hp: TrainConfig, default_sc
     sigmas = scheduler.sigmas[index].to(latents.device, latents.dtype)
     s = sigmas.view(-1, *[1] * (latents.ndim - 1))
     noisy = (1.0 - s) * latents + s * noise
-    return noisy, timesteps, noise - latents, compute_loss_weighting_for_sd3(scheme, sigmas)
+    return noisy, timesteps, noise - latents, compute_loss_weighting_for_sd3(scheme, sigmas), sigmas
 
 
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weighting: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ class Flux(Family):
     lora_targets = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",
                     "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+    mlp_targets = ["proj_mlp"]  # the single-stream blocks' MLP (the dual-stream ones' are in lora_targets)
     default_max_length = 512  # T5 tokens (FLUX.1-dev; schnell uses 256)
     default_weighting = "none"
 
@@ -59,7 +60,7 @@ class Flux(Family):
     def training_loss(self, denoiser, schedule, batch, cond, generator, hp):
         latents = batch["latent"]
         b, c, h, w = latents.shape
-        noisy, timesteps, target, weighting = add_flow_noise(schedule, latents, hp, self.default_weighting, generator)
+        noisy, timesteps, target, weighting, _ = add_flow_noise(schedule, latents, hp, self.default_weighting, generator)
         embeds = cond["prompt_embeds"]
         guidance = None
         if denoiser.config.guidance_embeds:

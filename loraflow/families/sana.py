@@ -24,6 +24,7 @@ class Sana(Family):
     denoiser_folder = "transformer"
     text_folders = ("text_encoder", "tokenizer")
     lora_targets = ["to_k", "to_q", "to_v"]
+    mlp_targets = ["ff.conv_inverted", "ff.conv_point"]  # the GLU MBConv feed-forward's 1x1 convolutions
     default_max_length = 300
 
     def load_text_encoder(self, model_dir, settings, device):

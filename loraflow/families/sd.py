@@ -16,7 +16,10 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from diffusers.training_utils import compute_snr
 from transformers import AutoTokenizer, CLIPTextModel
+
+from loraflow.config import TrainConfig
 
 from loraflow.families.base import DTYPES, Cond, Family
 
@@ -27,6 +30,8 @@ class StableDiffusion(Family):
     denoiser_folder = "unet"
     text_folders = ("text_encoder", "tokenizer")
     lora_targets = ["to_k", "to_q", "to_v", "to_out.0"]
+    mlp_targets = ["ff.net.0.proj", "ff.net.2"]
+    objective_options = frozenset({"snr_gamma", "noise_offset"})
     default_max_length = 77
 
     def load_text_encoder(self, model_dir, settings, device):
@@ -55,9 +60,9 @@ class StableDiffusion(Family):
         return DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
 
     def training_loss(self, denoiser, schedule, batch, cond, generator, hp):
-        noisy, t, target = add_noise(schedule, batch["latent"], generator)
+        noisy, t, target = add_noise(schedule, batch["latent"], generator, hp)
         pred = denoiser(noisy, t, encoder_hidden_states=cond["prompt_embeds"]).sample
-        return F.mse_loss(pred.float(), target.float())
+        return noise_prediction_loss(schedule, pred, target, t, hp)
 
     def pipeline(self, model_dir, denoiser, vae):
         scheduler = DDIMScheduler.from_pretrained(model_dir, subfolder="scheduler")
@@ -74,13 +79,30 @@ class StableDiffusion(Family):
         ).images[0]
 
 
-def add_noise(scheduler, latents: torch.Tensor, generator: torch.Generator):
+def add_noise(scheduler, latents: torch.Tensor, generator: torch.Generator, hp: TrainConfig):
     """A uniformly drawn training timestep per latent: (noisy latents, timesteps, target)."""
     # Random draws come from the CPU generator (its state is checkpointed), then move.
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    noise = torch.randn(latents.shape, generator=generator)
+    if hp.noise_offset:  # one offset per latent channel, as diffusers' and kohya's trainers add it
+        noise = noise + hp.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
+    noise = noise.to(latents.device)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
     t = t.to(latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
     if scheduler.config.prediction_type == "v_prediction":
         return noisy, t, scheduler.get_velocity(latents, noise, t)
     return noisy, t, noise
+
+
+def noise_prediction_loss(scheduler, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor,
+                          hp: TrainConfig) -> torch.Tensor:
+    """Mean squared error, weighted per sample by min-SNR-gamma when `hp.snr_gamma` is set
+    (Hang et al. 2023, as diffusers' trainers compute it: min(SNR, gamma) / SNR for epsilon, and
+    / (SNR + 1) for v-prediction)."""
+    if hp.snr_gamma is None:
+        return F.mse_loss(pred.float(), target.float())
+    snr = compute_snr(scheduler, t)
+    weight = snr.clamp(max=hp.snr_gamma)
+    weight = weight / (snr + 1) if scheduler.config.prediction_type == "v_prediction" else weight / snr
+    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
+    return (per_sample * weight.float()).mean()

@@ -23,6 +23,8 @@ class StableDiffusion3(Family):
     text_folders = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
     lora_targets = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                     "attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0"]
+    mlp_targets = ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+    objective_options = frozenset({"precondition_outputs"})
     default_max_length = 256  # T5 tokens (the pipeline's default)
     default_weighting = "logit_normal"
 
@@ -51,10 +53,14 @@ class StableDiffusion3(Family):
         return FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
 
     def training_loss(self, denoiser, schedule, batch, cond, generator, hp):
-        noisy, timesteps, target, weighting = add_flow_noise(schedule, batch["latent"], hp, self.default_weighting,
-                                                             generator)
+        latents = batch["latent"]
+        noisy, timesteps, target, weighting, sigmas = add_flow_noise(schedule, latents, hp, self.default_weighting,
+                                                                     generator)
         pred = denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond["prompt_embeds"],
                         pooled_projections=cond["pooled_prompt_embeds"], return_dict=False)[0]
+        if hp.precondition_outputs is not False:  # diffusers' SD3 trainer's default
+            # The clean latent the prediction implies, against the clean latent.
+            pred, target = noisy - sigmas.view(-1, 1, 1, 1) * pred, latents
         return weighted_mse(pred, target, weighting)
 
     def pipeline(self, model_dir, denoiser, vae):

@@ -10,11 +10,10 @@ for dropped captions; the pipeline's zeros apply only when no negative prompt is
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
 from loraflow.families.base import DTYPES, Cond, with_pooled
-from loraflow.families.sd import StableDiffusion, add_noise
+from loraflow.families.sd import StableDiffusion, add_noise, noise_prediction_loss
 
 
 class StableDiffusionXL(StableDiffusion):
@@ -43,10 +42,10 @@ class StableDiffusionXL(StableDiffusion):
     def training_loss(self, denoiser, schedule, batch, cond, generator, hp):
         scheduler, vae_scale_factor = schedule
         latents = batch["latent"]
-        noisy, t, target = add_noise(scheduler, latents, generator)
+        noisy, t, target = add_noise(scheduler, latents, generator, hp)
         pred = denoiser(noisy, t, encoder_hidden_states=cond["prompt_embeds"],
                         added_cond_kwargs=self.added_cond(batch, cond, vae_scale_factor)).sample
-        return F.mse_loss(pred.float(), target.float())
+        return noise_prediction_loss(scheduler, pred, target, t, hp)
 
     @staticmethod
     def added_cond(batch, cond, vae_scale_factor: int) -> dict[str, torch.Tensor]:
