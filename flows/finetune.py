@@ -33,9 +33,9 @@ def finetune(cfg: RunConfig = RunConfig()) -> Report:
     # Inputs are read and checked once, before any task runs: a bad file fails the run here.
     options = storage_options(cfg.storage_options, cfg.storage_secret)
     store = Store(cfg.store, options)
+    get_family(cfg.model.family).check_train(cfg.train)
     model = resolve_model(cfg.model, options)
     check_resolution(model, cfg.dataset.resolution)
-    get_family(model.family).check_train(cfg.train)
     images = load_dataset(cfg.dataset, options)
     sample_prompts = read_sample_prompts(cfg.sample, options)
     if not sample_prompts:
@@ -70,6 +70,8 @@ def finetune(cfg: RunConfig = RunConfig()) -> Report:
     weights = run(train, family=model.family, denoiser=model.denoiser, examples=store.put_list(examples),
                   null=null if cfg.train.caption_dropout > 0 else None, hp=cfg.train, store=store)
     report.weights = store.url_of(weights.final.path)
+    report.ema_weights = store.url_of(weights.ema[weights.final_step].path) if weights.ema else None
+    report.metrics = store.url_of(weights.metrics.path) if weights.metrics else None
     if prompts:
         samples = run(sample, family=model.family, denoiser=model.denoiser, vae=model.vae, weights=weights,
                       prompts=prompts, null=null, settings=cfg.sample.sampler(),

@@ -42,6 +42,11 @@ class TrainingLog:
             self.logger.info("step %d/%d loss %.4f lr %.3g grad norm %.3g | %.2f steps/s, %.1f images/s, ETA %s",
                              step, self.total, loss, lr, grad_norm, rate, rate * images, clock(eta))
 
+    def flush(self) -> None:
+        """Called before each checkpoint: what a checkpoint covers is on disk if the run dies next."""
+        if self.writer is not None:
+            self.writer.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()

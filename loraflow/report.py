@@ -48,6 +48,8 @@ class Report(BaseModel):
     store: str
     tasks: list[TaskRow] = []
     weights: str | None = None
+    ema_weights: str | None = None  # the EMA of the final weights (train.ema_decay)
+    metrics: str | None = None  # every training step's loss, learning rate, gradient norm and time (JSON)
     samples: list[str] = []
 
     def stages(self) -> list[tuple[str, str, int, int, float, str]]:
@@ -72,6 +74,9 @@ class Report(BaseModel):
         for label, state, computed, reused, seconds, key in self.stages():
             lines.append(f"{label:40} {state:12} {computed:8d} {reused:7d} {seconds:8.2f}  {key}")
         lines.append(f"weights: {self.weights}")
+        if self.ema_weights:
+            lines.append(f"EMA weights: {self.ema_weights}")
+        lines.append(f"metrics: {self.metrics}")
         lines.append(f"samples: {len(self.samples)} image(s) in {self.store}")
         return "\n".join(lines)
 

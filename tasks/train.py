@@ -100,6 +100,7 @@ def train(family: str, denoiser: Component, examples: ListRef, null: NullEmbeddi
         log.step(done, torch.stack(losses).mean().item(), lr, grad_norm.item(),
                  images=hp.batch_size * hp.gradient_accumulation_steps)
         if done % hp.checkpoint_every == 0 or done == hp.steps:
+            log.flush()
             steps[done], ema_weights = save_checkpoint(store, run_key, done, hp, fam, state, log.rows)
             if ema_weights:
                 ema_steps[done] = ema_weights

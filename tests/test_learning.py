@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from diffusers import AutoencoderKL
 from PIL import Image
@@ -28,12 +29,20 @@ def chroma(rgb: np.ndarray) -> np.ndarray:
     return rgb - rgb.mean()  # colour without brightness
 
 
-def test_samples_take_the_colour_their_prompt_names(tmp_path):
+# The training defaults otherwise (constant LR after 10 warmup steps, clipping at 1.0, AdamW).
+METHODS = {
+    "full": {"method": "full", "learning_rate": 1e-3},
+    "lora": {"method": "lora", "rank": 8, "alpha": 8.0, "learning_rate": 1e-2},  # attention layers only
+}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_samples_take_the_colour_their_prompt_names(tmp_path, method):
     data = builtin_dataset("shapes")
     cfg = small_config(
         tmp_path / "store", data,
         encoder={"max_length": 16},
-        train={"method": "full", "steps": 600, "checkpoint_every": 600, "batch_size": 8, "learning_rate": 1e-3},
+        train={"steps": 600, "checkpoint_every": 600, "batch_size": 8, **METHODS[method]},
         sample={"prompts": [f"a {c} circle" for c in COLOURS], "steps": 20, "guidance_scale": 5.0, "images_per_prompt": 4},
     )
     report, states = run(cfg)
@@ -63,6 +72,11 @@ def test_samples_take_the_colour_their_prompt_names(tmp_path):
         ranks.append(nearest_first.index(image.text["prompt"].split()[1]) + 1)
     assert len(ranks) == 4 * len(COLOURS)
     assert max(ranks) <= 3 and np.mean(ranks) <= 1.5, sorted(ranks)
+    # A colour is learned when most of its samples come out nearest to it: at least 3 of the 4.
+    # (LoRA at lr 1e-2, seed 0: green, blue and yellow all 1st, red 2nd next to yellow.)
+    learned = [c for c in COLOURS if sum(r == 1 for r, u in zip(ranks, report.samples)
+                                         if Image.open(u).text["prompt"].split()[1] == c) > 2]
+    assert len(learned) >= 3, learned
 
     store, model = Store(cfg.store), resolve_model(cfg.model)
     captions = {i.name: i.caption for i in load_dataset(cfg.dataset)}

@@ -46,7 +46,8 @@ def test_killed_run_resumes_from_latest_checkpoint(tmp_path):
     (tmp_path / "run.yaml").write_text(json.dumps(cfg.model_dump()))
 
     # Start a run in its own process against the test server, and kill it once two checkpoints exist.
-    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value())
+    # A short lease: the killed run's train lock lapses in seconds, not the default minute.
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), LORAFLOW_LOCK_LEASE_SECONDS="2")
     proc = subprocess.Popen([sys.executable, "-m", "loraflow.cli", "run", "--config", str(tmp_path / "run.yaml")],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600

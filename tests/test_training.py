@@ -1,0 +1,86 @@
+"""Training options in real runs: a killed run with a decaying schedule, warmup, gradient
+accumulation, EMA and Prodigy resumes bitwise; every step's metrics reach the store and TensorBoard;
+options a machine or family cannot honour fail with one error naming the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from loraflow.dataset import generate_shapes
+from loraflow.sealed import unsealed_json
+from tests.helpers import finish, kill_while_training, report_states, row, run, session_env, small_config, start_cli
+
+STEPS, EVERY = 20, 5
+OPTIONS = {"steps": STEPS, "checkpoint_every": EVERY, "batch_size": 2, "lr_scheduler": "cosine", "lr_warmup_steps": 3,
+           "gradient_accumulation_steps": 2, "ema_decay": 0.9, "optimizer": "prodigy", "learning_rate": 1.0,
+           "log_every": 4}
+
+
+def test_killed_run_with_every_option_resumes_bitwise(tmp_path):
+    generate_shapes(tmp_path / "data", variants=1)
+    cfg = small_config(tmp_path / "store", tmp_path / "data", train=OPTIONS | {"tensorboard_dir": str(tmp_path / "tb")},
+                       sample={"prompts": []})
+    env = session_env(OMP_NUM_THREADS="1", LORAFLOW_LOCK_LEASE_SECONDS="2")  # the killed run's lock lapses soon
+    kill_while_training(cfg, tmp_path, env)
+    finish(start_cli(cfg, tmp_path, "resumed", env))
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert report_states(tmp_path / "resumed.json")["train"] == "Completed"
+    reused = next(t for t in resumed["tasks"] if t["task"] == "train")["reused"]
+    assert reused % EVERY == 0 and 0 < reused < STEPS, "the first run must have been killed mid-training"
+
+    fresh, _ = run(small_config(tmp_path / "store-2", tmp_path / "data", train=OPTIONS, sample={"prompts": []}))
+    assert row(fresh, "train").reused == 0
+    for a, b in [(resumed["weights"], fresh.weights), (resumed["ema_weights"], fresh.ema_weights)]:
+        x, y = load_file(a), load_file(b)
+        assert x.keys() == y.keys()
+        assert all((x[k] == y[k]).all() for k in x), (a, b)
+
+    # The metrics of both runs agree on every step (times aside); the resumed one kept the steps
+    # before the kill from its checkpoint.
+    ours, theirs = (json.loads(unsealed_json(open(m, "rb").read())) for m in (resumed["metrics"], fresh.metrics))
+    assert [r["step"] for r in ours] == list(range(1, STEPS + 1))
+    for a, b in zip(ours, theirs):
+        assert {k: a[k] for k in ("step", "loss", "lr", "grad_norm")} == {k: b[k] for k in ("step", "loss", "lr", "grad_norm")}
+    assert ours[0]["lr"] < ours[3]["lr"] and ours[-1]["lr"] < ours[3]["lr"]  # warmup, then the cosine decays
+    assert load_file(resumed["ema_weights"]).keys() == load_file(resumed["weights"]).keys()
+    assert any((load_file(resumed["ema_weights"])[k] != w).any() for k, w in load_file(resumed["weights"]).items())
+
+    # TensorBoard: the killed and the resumed run wrote to the same folder; it holds every step once
+    # (the resumed run purged what the killed one wrote after its checkpoint).
+    events = EventAccumulator(str(next((tmp_path / "tb").iterdir()))).Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, STEPS + 1))
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in ours])
+
+    # A progress line every `log_every` steps, with speed and time left.
+    logs = flow_logs(fresh.flow_run_id)
+    progress = [m for m in logs if m.startswith("step ") and "steps/s" in m]
+    assert [m.split()[1] for m in progress] == [f"{s}/{STEPS}" for s in range(4, STEPS + 1, 4)]
+    assert all("ETA" in m and "loss" in m and "lr" in m for m in progress)
+
+
+def flow_logs(flow_run_id: str) -> list[str]:
+    with get_client(sync_client=True) as client:
+        return [log.message for log in client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
+
+
+def test_adamw8bit_on_a_cpu_names_the_field(tmp_path):
+    generate_shapes(tmp_path / "data", variants=1)
+    cfg = small_config(tmp_path / "store", tmp_path / "data", train={"optimizer": "adamw8bit"})
+    with pytest.raises(ValueError, match="train.optimizer: adamw8bit .*needs a CUDA GPU"):
+        run(cfg)
+
+
+@pytest.mark.parametrize("family,setting,value", [("sd3", "snr_gamma", 5.0), ("flux", "noise_offset", 0.1),
+                                                  ("sd", "precondition_outputs", True)])
+def test_an_objective_option_the_family_lacks_names_the_field(tmp_path, family, setting, value):
+    generate_shapes(tmp_path / "data", variants=1)
+    cfg = small_config(tmp_path / "store", tmp_path / "data", family, train={setting: value})
+    with pytest.raises(ValueError, match=f"train.{setting}: the {family} family's objective has no such option"):
+        run(cfg)
+    assert not (tmp_path / "store" / "objects").exists()  # refused before any task ran
