@@ -12,6 +12,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.client.orchestration import get_client
 from prefect.runtime import deployment, flow_run
 
+from loraflow.buckets import cut_size, plan_buckets
 from loraflow.config import RunConfig
 from loraflow.dataset import load_dataset, read_sample_prompts
 from loraflow.families import get_family
@@ -36,6 +37,8 @@ def finetune(cfg: RunConfig = RunConfig()) -> Report:
     get_family(cfg.model.family).check_train(cfg.train)
     model = resolve_model(cfg.model, options)
     check_resolution(model, cfg.dataset.resolution)
+    fam = get_family(model.family)
+    buckets = plan_buckets(cfg.dataset, fam.buckets_by_default, fam.resolution_multiple(model.vae.path))
     images = load_dataset(cfg.dataset, options)
     sample_prompts = read_sample_prompts(cfg.sample, options)
     if not sample_prompts:
@@ -46,7 +49,7 @@ def finetune(cfg: RunConfig = RunConfig()) -> Report:
     text = dict(family=model.family, text_encoder=model.text_encoder, settings=cfg.encoder, store=store)
     vae = dict(family=model.family, vae=model.vae, resolution=cfg.dataset.resolution,
                center_crop=cfg.dataset.center_crop, flip=cfg.dataset.flip, store=store,
-               batch_size=cfg.dataset.encode_batch_size)
+               batch_size=cfg.dataset.encode_batch_size, buckets=buckets)
 
     # Captions and images are cut into content-defined shards, each stored as one list and handed to
     # its task by reference; lists are in content order, so renaming or reordering files changes no key.
@@ -65,7 +68,9 @@ def finetune(cfg: RunConfig = RunConfig()) -> Report:
 
     captions = {prompt: ref for part in caption_parts for prompt, ref in part.items.items()}
     latents = {sha: ref for part in latent_parts for sha, ref in part.items.items()}
-    examples = sorted((Example(image=i.name, latent=latents[i.sha256], caption=captions[i.caption]) for i in images),
+    res = cfg.dataset.resolution
+    examples = sorted((Example(image=i.name, latent=latents[i.sha256], caption=captions[i.caption],
+                               size=cut_size(i.height, i.width, res, buckets)) for i in images),
                       key=lambda e: (e.latent.key, e.caption.key))  # by content, not name
     weights = run(train, family=model.family, denoiser=model.denoiser, examples=store.put_list(examples),
                   null=null if cfg.train.caption_dropout > 0 else None, hp=cfg.train, store=store)

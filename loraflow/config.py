@@ -32,6 +32,13 @@ class DatasetConfig(_Section):
     resolution: int = Field(32, ge=8)
     center_crop: bool = True
     flip: bool = False  # also cache the mirrored latent; training picks one at random
+    # Aspect-ratio buckets (`loraflow.buckets`): each image is cut to the bucket of about
+    # resolution² pixels, sides multiples of `bucket_step`, whose aspect ratio is nearest its own;
+    # batches never mix buckets. None: the family's default (on for SDXL, SD3 and Flux).
+    buckets: bool | None = None
+    bucket_step: int = Field(64, ge=8)
+    bucket_min_side: int | None = Field(None, ge=8)  # None: resolution / 2
+    bucket_max_side: int | None = Field(None, ge=8)  # None: resolution * 2
     # Images per VAE forward pass (None: 8 on a CPU, 16 on a GPU). In no cache key: changing it
     # re-encodes nothing (see `loraflow.batching`).
     encode_batch_size: int | None = Field(None, ge=1)

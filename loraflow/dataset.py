@@ -39,6 +39,8 @@ class ImageItem(BaseModel):
     url: str  # where the bytes are read from
     sha256: str  # of the bytes: the image's identity in every key
     caption: str
+    height: int  # upright, as a viewer shows it (what aspect-ratio buckets go by)
+    width: int
 
     def cache_token(self) -> str:
         return f"{self.sha256}:pixels-v{PIXELS_VERSION}"
@@ -87,13 +89,24 @@ def load_dataset(cfg: DatasetConfig, storage_options: dict[str, Any] | None = No
     known = digests().get_many(list(stamps.values()))
     shas = {name: known.get(stamps[name]) for name in names}
     unread = [name for name in names if shas[name] is None]
+    sizes: dict[str, tuple[int, int]] = {}
     if unread:
         data = _cat(fs, root, base, unread)
         for name in unread:
             check_image(data[name], f"{base}/{name}")
             shas[name] = sha256_bytes(data[name])
+            sizes[shas[name]] = upright_size(data[name])
         digests().put_many([(stamps[name], shas[name]) for name in unread])
-    return [ImageItem(name=n, url=f"{base}/{n}", sha256=shas[n], caption=captions[n]) for n in names]
+    known_sizes = digests().image_sizes(sorted({shas[n] for n in names} - set(sizes)))
+    unsized = [n for n in names if shas[n] not in sizes and shas[n] not in known_sizes]
+    if unsized:  # hashed by a version before sizes were kept
+        data = _cat(fs, root, base, unsized)
+        for name in unsized:
+            sizes[shas[name]] = upright_size(data[name])
+    digests().put_image_sizes(sizes)
+    sizes |= known_sizes
+    return [ImageItem(name=n, url=f"{base}/{n}", sha256=shas[n], caption=captions[n],
+                      height=sizes[shas[n]][0], width=sizes[shas[n]][1]) for n in names]
 
 
 def _cat(fs, root: str, base: str, names: list[str]) -> dict[str, bytes]:
@@ -159,29 +172,39 @@ def read_image(url: str, storage_options: dict[str, Any] | None = None) -> bytes
         return f.read()
 
 
-def to_pixels(data: bytes, resolution: int, center_crop: bool, flip: bool = False) -> tuple[torch.Tensor, dict]:
-    """Image bytes -> (3, R, R) float tensor in [-1, 1] (resize the short side, crop, maybe mirror),
-    and how it was cut: `original_size` (h, w) and `crop_top_left` (top, left) in resized pixels, as
+def to_pixels(data: bytes, size: int | tuple[int, int], center_crop: bool, flip: bool = False) -> tuple[torch.Tensor, dict]:
+    """Image bytes -> (3, H, W) float tensor in [-1, 1] for `size` (H, W), or (R, R) for an int:
+    resized to cover it, cropped to it (or stretched to it without `center_crop`), maybe mirrored.
+    Also how it was cut: `original_size` (h, w) and `crop_top_left` (top, left) in resized pixels, as
     SDXL-style micro-conditioning reads them (stored with every latent)."""
+    height, width = (size, size) if isinstance(size, int) else size
     img = upright_rgb(Image.open(io.BytesIO(data)))
     original_size = (img.height, img.width)
     top = left = 0
     if center_crop:
-        scale = resolution / min(img.size)
-        img = img.resize((max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))),
+        scale = max(width / img.width, height / img.height)
+        img = img.resize((max(width, round(img.width * scale)), max(height, round(img.height * scale))),
                          Image.BICUBIC)
-        left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-        width = img.width
-        img = img.crop((left, top, left + resolution, top + resolution))
+        left, top = (img.width - width) // 2, (img.height - height) // 2
+        resized_width = img.width
+        img = img.crop((left, top, left + width, top + height))
         if flip:
-            left = width - left - resolution
+            left = resized_width - left - width
     else:
-        img = img.resize((resolution, resolution), Image.BICUBIC)
+        img = img.resize((width, height), Image.BICUBIC)
     if flip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     pixels = torch.from_numpy(array).permute(2, 0, 1).contiguous()
     return pixels, {"original_size": torch.tensor(original_size), "crop_top_left": torch.tensor((top, left))}
+
+
+def upright_size(data: bytes) -> tuple[int, int]:
+    """(height, width) of the picture as a viewer shows it (EXIF orientation applied), from its header."""
+    with Image.open(io.BytesIO(data)) as img:
+        width, height = img.size
+        orientation = img.getexif().get(0x0112, 1)
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
 
 
 def upright_rgb(img: Image.Image) -> Image.Image:

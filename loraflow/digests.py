@@ -73,6 +73,9 @@ class Digests:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("CREATE TABLE IF NOT EXISTS digests_v2 "
                              "(stamp TEXT PRIMARY KEY, sha256 TEXT NOT NULL, verified REAL NOT NULL)")
+            # Upright image sizes by image sha256 (aspect-ratio buckets), so an unchanged image is not read.
+            self._db.execute("CREATE TABLE IF NOT EXISTS image_sizes "
+                             "(sha256 TEXT PRIMARY KEY, height INTEGER NOT NULL, width INTEGER NOT NULL)")
             self._db.execute("DROP TABLE IF EXISTS digests")  # v1: no verification time, cannot be pruned
             self._db.execute("DELETE FROM digests_v2 WHERE verified < ?", (time.time() - self.KEEP_DAYS * 86400,))
 
@@ -105,6 +108,30 @@ class Digests:
                 self._db.executemany("INSERT OR REPLACE INTO digests_v2 VALUES (?, ?, ?)", rows)
                 self._db.execute("COMMIT")
             except BaseException:  # a signal may land anywhere, even after COMMIT
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+
+    def image_sizes(self, shas: list[str]) -> dict[str, tuple[int, int]]:
+        """{image sha256: (height, width)} for the images whose size was recorded."""
+        found: dict[str, tuple[int, int]] = {}
+        with self._lock:
+            for start in range(0, len(shas), BATCH):
+                chunk = shas[start:start + BATCH]
+                query = f"SELECT sha256, height, width FROM image_sizes WHERE sha256 IN ({','.join('?' * len(chunk))})"
+                found.update((sha, (h, w)) for sha, h, w in self._db.execute(query, chunk).fetchall())
+        return found
+
+    def put_image_sizes(self, sizes: dict[str, tuple[int, int]]) -> None:
+        if not sizes:
+            return
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT OR REPLACE INTO image_sizes VALUES (?, ?, ?)",
+                                     [(sha, h, w) for sha, (h, w) in sizes.items()])
+                self._db.execute("COMMIT")
+            except BaseException:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise

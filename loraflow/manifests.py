@@ -51,6 +51,7 @@ class Example(BaseModel):
     image: str  # file name, for messages only
     latent: ObjectRef
     caption: ObjectRef
+    size: tuple[int, int]  # (height, width) the image was cut to: its bucket, batched only with its own
 
     def cache_token(self) -> dict:
         return {"latent": self.latent, "caption": self.caption}  # renaming a file changes nothing

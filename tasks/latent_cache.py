@@ -8,6 +8,7 @@ decoded, and finished latents are written, in worker threads while the VAE runs.
 from __future__ import annotations
 
 from collections import deque
+from itertools import groupby
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import torch
 from prefect import get_run_logger, task
 
 from loraflow.batching import GPU_IMAGE_BATCH, batch_size_for, chunks, padded_pass, prefetched, worker_pool
+from loraflow.buckets import Size, cut_size
 from loraflow.dataset import DatasetError, ImageItem, read_image, to_pixels
 from loraflow.families import get_family, loaded, pick_device
 from loraflow.hashing import content_key, sha256_bytes
@@ -24,13 +26,16 @@ from loraflow.store import ListRef, ObjectRef, Store
 from tasks.caching import ContentKey
 
 # Key: VAE fingerprint, the shard's image bytes (each image's sha256, through the list's identity),
-# resolution / crop / flip settings. Not the shard label or the batch size: they change how the
-# work is cut, not what a latent is.
-CACHE_KEY = ContentKey("family", "vae", "images", "resolution", "center_crop", "flip")
+# resolution / aspect-ratio buckets / crop / flip settings. Not the shard label or the batch size:
+# they change how the work is cut, not what a latent is.
+CACHE_KEY = ContentKey("family", "vae", "images", "resolution", "buckets", "center_crop", "flip")
 
 
-def latent_key(family: str, vae: Component, image: ImageItem, resolution: int, center_crop: bool, flip: bool) -> str:
-    return content_key("latent", family, vae, image, resolution, center_crop, flip)
+def latent_key(family: str, vae: Component, image: ImageItem, size: int | Size, center_crop: bool, flip: bool) -> str:
+    """A latent is named by what it is made of: the image's bytes, the size it was cut to (a
+    bucket, or resolution²), crop and flip. Changing the buckets keeps the latents whose cut stays."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return content_key("latent", family, vae, image, size, center_crop, flip)
 
 
 @dataclass
@@ -43,14 +48,14 @@ class Cut:
     tensors: dict[str, torch.Tensor]
 
 
-def cut_image(image: ImageItem, resolution: int, center_crop: bool, flip: bool, store: Store) -> Cut:
+def cut_image(image: ImageItem, size: Size, center_crop: bool, flip: bool, store: Store) -> Cut:
     data = read_image(image.url, store.storage_options)
     if sha256_bytes(data) != image.sha256:
         raise DatasetError(f"dataset: {image.url} changed while the run was reading it")
-    pixels, tensors = to_pixels(data, resolution, center_crop)
+    pixels, tensors = to_pixels(data, size, center_crop)
     mirrored = None
     if flip:
-        mirrored, cut = to_pixels(data, resolution, center_crop, flip=True)
+        mirrored, cut = to_pixels(data, size, center_crop, flip=True)
         tensors["crop_top_left_flipped"] = cut["crop_top_left"]
     return Cut(pixels, mirrored, tensors)
 
@@ -58,23 +63,28 @@ def cut_image(image: ImageItem, resolution: int, center_crop: bool, flip: bool, 
 @task(name="build-latent-cache", task_run_name="build-latent-cache[{shard}]", cache_policy=CACHE_KEY,
       result_serializer="json")
 def build_latent_cache(images: ListRef, family: str, vae: Component, resolution: int, center_crop: bool,
-                       flip: bool, store: Store, shard: str = "1/1", batch_size: int | None = None) -> Latents:
-    """One shard's latents: `images` is the shard's list of `ImageItem`s, stored."""
+                       flip: bool, store: Store, shard: str = "1/1", batch_size: int | None = None,
+                       buckets: list[Size] | None = None) -> Latents:
+    """One shard's latents: `images` is the shard's list of `ImageItem`s, stored; each is cut to
+    its aspect-ratio bucket (`buckets`) or to resolution²."""
     logger = get_run_logger()
     unique = {i.sha256: i for i in store.read_list(images, ImageItem)}
-    keys = {sha: latent_key(family, vae, image, resolution, center_crop, flip) for sha, image in unique.items()}
+    sizes = {sha: cut_size(i.height, i.width, resolution, buckets) for sha, i in unique.items()}
+    keys = {sha: latent_key(family, vae, image, sizes[sha], center_crop, flip) for sha, image in unique.items()}
     found = store.find_many("latents", list(keys.values()), "safetensors")
     items = {sha: found[key] for sha, key in keys.items() if key in found}
-    todo = [(unique[sha], key) for sha, key in keys.items() if key not in found]
+    # Batches of one size each (a bucket's images), in content order within it.
+    todo = sorted(((unique[sha], key) for sha, key in keys.items() if key not in found),
+                  key=lambda job: (sizes[job[0].sha256], job[1]))
     if todo:
-        items.update(encode_latents(todo, family, vae, resolution, center_crop, flip, store, batch_size))
+        items.update(encode_latents(todo, sizes, family, vae, center_crop, flip, store, batch_size))
     logger.info("%d latent(s) encoded, %d reused", len(todo), len(items) - len(todo))
     return Latents(items=items, computed=len(todo), reused=len(items) - len(todo))
 
 
-def encode_latents(todo: list[tuple[ImageItem, str]], family: str, vae: Component, resolution: int,
+def encode_latents(todo: list[tuple[ImageItem, str]], sizes: dict[str, Size], family: str, vae: Component,
                    center_crop: bool, flip: bool, store: Store, batch_size: int | None) -> dict[str, ObjectRef]:
-    """Encode and store every (image, key) in `todo`; {image sha256: stored latent}."""
+    """Encode and store every (image, key) in `todo` (grouped by cut size); {image sha256: stored latent}."""
     fam = get_family(family)
     device = pick_device()
     model = loaded(fam.load_vae, vae.path, device)
@@ -86,10 +96,12 @@ def encode_latents(todo: list[tuple[ImageItem, str]], family: str, vae: Componen
     stored: dict[str, ObjectRef] = {}
     writes: deque[tuple[str, Future]] = deque()
     def load(job: tuple[ImageItem, str]) -> Cut:
-        return cut_image(job[0], resolution, center_crop, flip, store)
+        return cut_image(job[0], sizes[job[0].sha256], center_crop, flip, store)
 
+    by_size = [list(group) for _, group in groupby(todo, key=lambda job: sizes[job[0].sha256])]
     with worker_pool() as pool:
-        for batch, cuts in prefetched(pool, chunks(todo, size), load):
+        batches = (batch for group in by_size for batch in chunks(group, size))  # never two sizes in one pass
+        for batch, cuts in prefetched(pool, batches, load):
             latents = padded_pass(encode, [c.pixels for c in cuts], size)
             flipped = padded_pass(encode, [c.mirrored for c in cuts], size) if flip else [None] * len(cuts)
             for (image, key), cut, latent, mirrored in zip(batch, cuts, latents, flipped):

@@ -47,7 +47,9 @@ def train(family: str, denoiser: Component, examples: ListRef, null: NullEmbeddi
     fam.check_train(hp)
 
     # Data: everything comes from the store by the refs upstream handed us, read as steps need it.
-    data = StoreExamples(store, store.read_list(examples, Example), budget_bytes=hp.data_cache_mb * 2**20)
+    listed = store.read_list(examples, Example)
+    data = StoreExamples(store, listed, budget_bytes=hp.data_cache_mb * 2**20)
+    buckets = [[i for i, e in enumerate(listed) if e.size == size] for size in sorted({e.size for e in listed})]
     if hp.caption_dropout > 0 and null is None:
         raise ValueError("train.caption_dropout > 0 needs the null embedding")
     null_cond = store.read_tensors(null.embedding) if hp.caption_dropout > 0 else None
@@ -81,7 +83,7 @@ def train(family: str, denoiser: Component, examples: ListRef, null: NullEmbeddi
         # One optimizer step over `gradient_accumulation_steps` batches.
         losses = []
         for _ in range(hp.gradient_accumulation_steps):
-            x, cond = next_batch(data, generator, null_cond, hp, device)
+            x, cond = next_batch(data, buckets, generator, null_cond, hp, device)
             with autocast:
                 loss = fam.training_loss(model, schedule, x, cond, generator, hp)
             (loss / hp.gradient_accumulation_steps).backward()
@@ -123,9 +125,16 @@ class State:
         return {"optimizer": self.optimizer, "lr_schedule": self.lr_schedule, "ema": self.ema}
 
 
-def next_batch(data, generator, null_cond, hp, device):
-    """A batch of `hp.batch_size` examples drawn from the generator: latents and caption tensors."""
-    batch = torch.randperm(len(data), generator=generator)[: hp.batch_size].tolist()
+def next_batch(data, buckets, generator, null_cond, hp, device):
+    """A batch of `hp.batch_size` examples drawn from the generator: latents and caption tensors.
+    With several buckets, a bucket is drawn first (in proportion to its examples), then examples
+    from it only; a bucket smaller than the batch size gives a smaller batch."""
+    if len(buckets) == 1:
+        batch = torch.randperm(len(data), generator=generator)[: hp.batch_size].tolist()
+    else:
+        counts = torch.tensor([len(b) for b in buckets], dtype=torch.float64)
+        members = buckets[torch.multinomial(counts, 1, generator=generator).item()]
+        batch = [members[i] for i in torch.randperm(len(members), generator=generator)[: hp.batch_size].tolist()]
     latents, captions = zip(*data.__getitems__(batch))
     picked = [pick_latent(latent, generator) for latent in latents]
     x = {name: torch.stack([p[name] for p in picked]).to(device) for name in picked[0]}

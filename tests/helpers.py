@@ -50,7 +50,8 @@ def small_config(store: Path, dataset: Path, family: str = "sd", **sections) -> 
     """A config that trains and samples in seconds on the tiny model."""
     cfg = {
         "model": {"family": family, "source": f"builtin:tiny-{family}"},
-        "dataset": {"source": str(dataset), "resolution": 32},
+        # Buckets (on by default for SDXL, SD3, Flux) in steps of 8 px: 64 would leave none at 32 px.
+        "dataset": {"source": str(dataset), "resolution": 32, "bucket_step": 8},
         "encoder": {"max_length": 16} if family in T5_OR_GEMMA else {},  # CLIP families: 77
         "train": {"steps": 6, "checkpoint_every": 3, "batch_size": 4},
         "sample": {"prompts": ["a red circle", "a blue square"], "steps": 2, "guidance_scale": 3.0},
@@ -164,18 +165,27 @@ def snapshot(store: Path, under: str = "") -> dict[str, str]:
             for p in sorted((store / under).rglob("*")) if p.is_file() and "reports" not in p.parts}
 
 
-def stored_latents(cfg: RunConfig) -> list[dict]:
-    """The latent objects a run used, read back from its store by their keys."""
+def stored_latents(cfg: RunConfig, with_names: bool = False) -> list[dict]:
+    """The latent objects a run used, read back from its store by their keys (each cut to its
+    bucket when the run used buckets); `with_names` adds the image's file name as "image"."""
+    from loraflow.buckets import cut_size, plan_buckets
     from loraflow.dataset import load_dataset
+    from loraflow.families import get_family
     from loraflow.models import resolve_model
     from loraflow.store import Store
     from tasks.latent_cache import latent_key
 
     store = Store(cfg.store)
     model = resolve_model(cfg.model)
-    keys = [latent_key(model.family, model.vae, image, cfg.dataset.resolution, cfg.dataset.center_crop, cfg.dataset.flip)
-            for image in load_dataset(cfg.dataset)]
-    return [store.read_tensors(store.find("latents", key, "safetensors")) for key in keys]
+    fam, d = get_family(model.family), cfg.dataset
+    buckets = plan_buckets(d, fam.buckets_by_default, fam.resolution_multiple(model.vae.path))
+    found = []
+    for image in load_dataset(d):
+        key = latent_key(model.family, model.vae, image, cut_size(image.height, image.width, d.resolution, buckets),
+                         d.center_crop, d.flip)
+        tensors = store.read_tensors(store.find("latents", key, "safetensors"))
+        found.append(tensors | ({"image": image.name} if with_names else {}))
+    return found
 
 
 def row(report: Report, stage: str):

@@ -287,6 +287,7 @@ def test_sdxl_crop_coordinates_reach_time_ids(baseline, tmp_path, monkeypatch):
     draw_shape("red", "circle", 1).resize((96, 64)).save(root / "data" / "wide_red_circle.png")  # cropped sideways
     (root / "data" / "wide_red_circle.txt").write_text("a wide red circle\n")
     cfg["train"]["batch_size"] = 16  # more than the images: every step sees every latent
+    cfg["dataset"]["buckets"] = False  # every image cut square (buckets: tests/test_buckets.py)
 
     seen = []
     forward = UNet2DConditionModel.forward

@@ -38,6 +38,7 @@ class Family:
     # at their defaults (a set one would change the key and nothing else).
     objective_options: ClassVar[frozenset[str]] = frozenset()
     default_max_length: ClassVar[int]
+    buckets_by_default: ClassVar[bool] = False  # aspect-ratio buckets unless `dataset.buckets` says
 
     @property
     def denoiser_folders(self) -> tuple[str, ...]:

@@ -20,6 +20,7 @@ from loraflow.families.flow_matching import add_flow_noise, weighted_mse
 class Flux(Family):
     name = "flux"
     pipeline_class = FluxPipeline
+    buckets_by_default = True
     denoiser_folder = "transformer"
     text_folders = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     lora_targets = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0",

@@ -19,6 +19,7 @@ from loraflow.families.flow_matching import add_flow_noise, weighted_mse
 class StableDiffusion3(Family):
     name = "sd3"
     pipeline_class = StableDiffusion3Pipeline
+    buckets_by_default = True
     denoiser_folder = "transformer"
     text_folders = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
     lora_targets = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",

@@ -19,6 +19,7 @@ from loraflow.families.sd import StableDiffusion, add_noise, noise_prediction_lo
 class StableDiffusionXL(StableDiffusion):
     name = "sdxl"
     pipeline_class = StableDiffusionXLPipeline
+    buckets_by_default = True
     text_folders = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     default_max_length = 77
 
