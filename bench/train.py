@@ -1,0 +1,161 @@
+"""Training speed and memory: loraflow's train task against a bare loop on the same cached tensors.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/train.py [--steps 60] [--images 32] [--resolution 256]
+
+The model is the tiny SD (UNet, CLIP) with a VAE that downsamples 8x, as real SD VAEs do, so
+256 px images give 32x32 latents like a real model's. Each measurement runs in a process of its
+own, one after the other (never side by side), and reports:
+- loraflow: the flow on a local store (latents and caption embeddings cached first, no samples);
+  steps/s of its train task from the metrics it stores (steps 11..N, after warm-up);
+- bare: the latents and embeddings that run cached, read into memory, then a plain loop (same
+  UNet, same peft LoRA config, AdamW, same batch size) timed over the same steps;
+- peak RSS (ru_maxrss) of each process.
+Diffusers' `train_text_to_image_lora.py` is not run: it needs torchvision, which does not import
+beside this torch, and `datasets`; see the README's benchmark notes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+WARMUP = 10
+
+
+def build_model(folder: Path) -> None:
+    """tiny-sd with a 4-level (8x) KL VAE of random weights: training never runs the VAE."""
+    from diffusers import AutoencoderKL
+
+    from loraflow.builtin import builtin_path
+
+    shutil.copytree(builtin_path("tiny-sd"), folder)
+    shutil.rmtree(folder / "vae")
+    AutoencoderKL(block_out_channels=(16, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=1,
+                  norm_num_groups=8, sample_size=256).save_pretrained(folder / "vae")
+
+
+def config(root: Path, steps: int, resolution: int):
+    from loraflow.config import RunConfig
+
+    return RunConfig.model_validate({
+        "model": {"family": "sd", "source": str(root / "model")},
+        "dataset": {"source": str(root / "data"), "resolution": resolution},
+        "train": {"method": "lora", "steps": steps, "checkpoint_every": steps, "batch_size": 4,
+                  "learning_rate": 1e-4, "log_every": 1000},
+        "sample": {"prompts": []},
+        "store": str(root / "store"),
+    })
+
+
+def run_loraflow(root: Path, steps: int, resolution: int) -> dict:
+    from flows.finetune import finetune
+    from loraflow.sealed import unsealed_json
+
+    report = finetune(config(root, steps, resolution))
+    rows = json.loads(unsealed_json(open(report.metrics, "rb").read()))
+    return {"steps_per_s": (steps - WARMUP) / (rows[-1]["seconds"] - rows[WARMUP - 1]["seconds"])}
+
+
+def run_bare(root: Path, steps: int, resolution: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from peft import LoraConfig
+
+    from loraflow.manifests import Example
+    from loraflow.sealed import unsealed_json
+    from loraflow.store import Store
+
+    store = Store(str(root / "store"))
+    (listed,) = [p for p in (root / "store" / "objects" / "lists").rglob("*.json")
+                 if b'"caption"' in p.read_bytes()]  # the training examples of the loraflow run
+
+    examples = [Example.model_validate(e) for e in json.loads(unsealed_json(listed.read_bytes()))]
+    latents = torch.stack([store.read_tensors(e.latent)["latent"] for e in examples])
+    embeds = torch.stack([store.read_tensors(e.caption)["prompt_embeds"] for e in examples])
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(root / "model", subfolder="unet")
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    scheduler = DDPMScheduler.from_pretrained(root / "model", subfolder="scheduler")
+    unet.train()
+    for step in range(steps):
+        if step == WARMUP:
+            start = time.perf_counter()
+        index = torch.randperm(len(examples))[:4]
+        x, cond = latents[index], embeds[index]
+        noise = torch.randn_like(x)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(index),))
+        pred = unet(scheduler.add_noise(x, noise, t), t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)  # loraflow's default, so the work is the same
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {"steps_per_s": (steps - WARMUP) / (time.perf_counter() - start)}
+
+
+def child(mode: str, root: Path, steps: int, resolution: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", mode, "--root", str(root), "--steps", str(steps),
+                          "--resolution", str(resolution)], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    if out.returncode:
+        raise SystemExit(f"{mode} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--child")
+    parser.add_argument("--root")
+    args = parser.parse_args()
+    if args.child:
+        sys.path.insert(0, str(Path(__file__).parents[1]))
+        fn = {"loraflow": run_loraflow, "bare": run_bare}[args.child]
+        result = fn(Path(args.root), args.steps, args.resolution)
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(result))
+        return
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from loraflow.dataset import COLOURS, SHAPES, draw_shape
+
+    root = Path(tempfile.mkdtemp(prefix="loraflow-bench-train-"))
+    build_model(root / "model")
+    (root / "data").mkdir()
+    for i in range(args.images):
+        colour, shape = list(COLOURS)[i % len(COLOURS)], SHAPES[i % len(SHAPES)]
+        draw_shape(colour, shape, i, size=args.resolution).save(root / "data" / f"{i:04d}.png")
+        (root / "data" / f"{i:04d}.txt").write_text(f"a {colour} {shape}\n")
+    ours = child("loraflow", root, args.steps, args.resolution)
+    bare = child("bare", root, args.steps, args.resolution)
+    load = os.getloadavg()
+    print(f"tiny SD UNet + LoRA r4 (attention), 8x VAE, {args.resolution} px -> "
+          f"{args.resolution // 8}x{args.resolution // 8} latents, batch 4, {args.steps} steps "
+          f"(timed {WARMUP + 1}..{args.steps}), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+          f"load {load[0]:.2f}")
+    print("| loop | steps/s | ratio to bare | peak RSS MiB |\n|---|---|---|---|")
+    for name, r in (("loraflow train task", ours), ("bare loop, same tensors", bare)):
+        print(f"| {name} | {r['steps_per_s']:.2f} | {r['steps_per_s'] / bare['steps_per_s']:.2f} | {r['peak_rss_mib']:.0f} |")
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
