@@ -79,7 +79,7 @@ def run_bare(root: Path, steps: int, resolution: int) -> dict:
 
     store = Store(str(root / "store"))
     (listed,) = [p for p in (root / "store" / "objects" / "lists").rglob("*.json")
-                 if b'"caption"' in p.read_bytes()]  # the training examples of the loraflow run
+                 if b'"latent"' in p.read_bytes()]  # the training examples of the loraflow run
 
     examples = [Example.model_validate(e) for e in json.loads(unsealed_json(listed.read_bytes()))]
     latents = torch.stack([store.read_tensors(e.latent)["latent"] for e in examples])

@@ -16,7 +16,8 @@ class TrainingLog:
     def __init__(self, logger: logging.Logger | logging.LoggerAdapter, tensorboard_dir: Path | None,
                  start: int, total: int, every: int, rows: list[Row] | None = None):
         self.logger, self.start, self.total, self.every = logger, start, total, every
-        self.rows: list[Row] = [r for r in rows or [] if r["step"] <= start]  # what the resumed checkpoint saw
+        # What the resumed checkpoint saw (without times: those belong to the run that trained them).
+        self.rows: list[Row] = [r for r in rows or [] if r["step"] <= start]
         self.began = time.perf_counter()
         self.writer = None
         if tensorboard_dir is not None:

@@ -178,7 +178,9 @@ def save_checkpoint(store, run_key, step, hp, fam, state, rows):
                                 "safetensors")
         state.ema.restore(state.params)
     tensors = {"rng": state.generator.get_state()}
-    meta = {"step": str(step), "metrics": json.dumps(rows)}
+    # The metrics so far, less their wall-clock times: a checkpoint is the same bytes whichever run
+    # (killed, resumed or not) reached it. The final metrics object keeps this run's times.
+    meta = {"step": str(step), "metrics": json.dumps([{k: v for k, v in r.items() if k != "seconds"} for r in rows])}
     for name, obj in state.stateful().items():
         if obj is not None:
             named, meta[name] = flatten(obj.state_dict(), name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from safetensors.torch import load_file
@@ -84,3 +85,15 @@ def test_an_objective_option_the_family_lacks_names_the_field(tmp_path, family, 
     with pytest.raises(ValueError, match=f"train.{setting}: the {family} family's objective has no such option"):
         run(cfg)
     assert not (tmp_path / "store" / "objects").exists()  # refused before any task ran
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path):
+    """Recomputing activations in the backward pass changes memory, not what is learned (so it is in
+    no key): a run with it ends with the weights of a run without it."""
+    generate_shapes(tmp_path / "data", variants=1)
+    reports = [run(small_config(tmp_path / f"store-{on}", tmp_path / "data", train={"gradient_checkpointing": on},
+                                sample={"prompts": []}))[0] for on in (False, True)]
+    plain, checkpointed = (load_file(r.weights) for r in reports)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], rtol=1e-4, atol=1e-6), name
