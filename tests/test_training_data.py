@@ -16,7 +16,8 @@ from tests.helpers import run, small_config
 def examples(store: Store, n: int) -> list[Example]:
     return [Example(image=f"{i}.png",
                     latent=store.put_tensors("latents", f"latent{i}", {"latent": torch.full((4, 4), float(i))}),
-                    caption=store.put_tensors("embeddings", f"caption{i}", {"hidden": torch.full((8,), -float(i))}))
+                    caption=store.put_tensors("embeddings", f"caption{i}", {"hidden": torch.full((8,), -float(i))}),
+                    size=(8, 8))
             for i in range(n)]
 
 
