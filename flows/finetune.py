@@ -34,10 +34,10 @@ def finetune(cfg: RunConfig = RunConfig()) -> Report:
     # Inputs are read and checked once, before any task runs: a bad file fails the run here.
     options = storage_options(cfg.storage_options, cfg.storage_secret)
     store = Store(cfg.store, options)
-    get_family(cfg.model.family).check_train(cfg.train)
+    fam = get_family(cfg.model.family)
+    fam.check_train(cfg.train)
     model = resolve_model(cfg.model, options)
     check_resolution(model, cfg.dataset.resolution)
-    fam = get_family(model.family)
     buckets = plan_buckets(cfg.dataset, fam.buckets_by_default, fam.resolution_multiple(model.vae.path))
     images = load_dataset(cfg.dataset, options)
     sample_prompts = read_sample_prompts(cfg.sample, options)

@@ -85,13 +85,7 @@ class Digests:
     def get_many(self, stamps: list[str | None]) -> dict[str, str]:
         """{stamp: sha256} for the stamps seen before (None stamps never are)."""
         wanted = [s for s in dict.fromkeys(stamps) if s]
-        found: dict[str, str] = {}
-        with self._lock:
-            for start in range(0, len(wanted), BATCH):
-                chunk = wanted[start:start + BATCH]
-                query = f"SELECT stamp, sha256 FROM digests_v2 WHERE stamp IN ({','.join('?' * len(chunk))})"
-                found.update(self._db.execute(query, chunk).fetchall())
-        return found
+        return dict(self._select("SELECT stamp, sha256 FROM digests_v2 WHERE stamp", wanted))
 
     def put(self, stamp: str | None, sha256: str) -> None:
         self.put_many([(stamp, sha256)])
@@ -99,39 +93,35 @@ class Digests:
     def put_many(self, pairs: list[tuple[str | None, str]]) -> None:
         """Remember many (stamp, sha256) pairs in one transaction."""
         now = time.time()
-        rows = [(stamp, sha256, now) for stamp, sha256 in pairs if stamp]
+        self._write("INSERT OR REPLACE INTO digests_v2 VALUES (?, ?, ?)",
+                    [(stamp, sha256, now) for stamp, sha256 in pairs if stamp])
+
+    def image_sizes(self, shas: list[str]) -> dict[str, tuple[int, int]]:
+        """{image sha256: (height, width)} for the images whose size was recorded."""
+        return {sha: (h, w) for sha, h, w in self._select("SELECT sha256, height, width FROM image_sizes WHERE sha256", shas)}
+
+    def put_image_sizes(self, sizes: dict[str, tuple[int, int]]) -> None:
+        self._write("INSERT OR REPLACE INTO image_sizes VALUES (?, ?, ?)", [(sha, h, w) for sha, (h, w) in sizes.items()])
+
+    def _select(self, query: str, keys: list[str]) -> list[tuple]:
+        """The rows of `query IN (keys)`, in batches of at most BATCH keys."""
+        rows: list[tuple] = []
+        with self._lock:
+            for start in range(0, len(keys), BATCH):
+                chunk = keys[start:start + BATCH]
+                rows += self._db.execute(f"{query} IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+        return rows
+
+    def _write(self, statement: str, rows: list[tuple]) -> None:
+        """`statement` for every row, in one transaction."""
         if not rows:
             return
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany("INSERT OR REPLACE INTO digests_v2 VALUES (?, ?, ?)", rows)
+                self._db.executemany(statement, rows)
                 self._db.execute("COMMIT")
             except BaseException:  # a signal may land anywhere, even after COMMIT
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
-
-    def image_sizes(self, shas: list[str]) -> dict[str, tuple[int, int]]:
-        """{image sha256: (height, width)} for the images whose size was recorded."""
-        found: dict[str, tuple[int, int]] = {}
-        with self._lock:
-            for start in range(0, len(shas), BATCH):
-                chunk = shas[start:start + BATCH]
-                query = f"SELECT sha256, height, width FROM image_sizes WHERE sha256 IN ({','.join('?' * len(chunk))})"
-                found.update((sha, (h, w)) for sha, h, w in self._db.execute(query, chunk).fetchall())
-        return found
-
-    def put_image_sizes(self, sizes: dict[str, tuple[int, int]]) -> None:
-        if not sizes:
-            return
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany("INSERT OR REPLACE INTO image_sizes VALUES (?, ?, ?)",
-                                     [(sha, h, w) for sha, (h, w) in sizes.items()])
-                self._db.execute("COMMIT")
-            except BaseException:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise

@@ -8,9 +8,9 @@ decoded, and finished latents are written, in worker threads while the VAE runs.
 from __future__ import annotations
 
 from collections import deque
-from itertools import groupby
 from concurrent.futures import Future
 from dataclasses import dataclass
+from itertools import groupby
 
 import torch
 from prefect import get_run_logger, task

@@ -49,7 +49,10 @@ def train(family: str, denoiser: Component, examples: ListRef, null: NullEmbeddi
     # Data: everything comes from the store by the refs upstream handed us, read as steps need it.
     listed = store.read_list(examples, Example)
     data = StoreExamples(store, listed, budget_bytes=hp.data_cache_mb * 2**20)
-    buckets = [[i for i, e in enumerate(listed) if e.size == size] for size in sorted({e.size for e in listed})]
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, e in enumerate(listed):
+        by_size.setdefault(e.size, []).append(i)
+    buckets = [by_size[size] for size in sorted(by_size)]  # example indices per bucket
     if hp.caption_dropout > 0 and null is None:
         raise ValueError("train.caption_dropout > 0 needs the null embedding")
     null_cond = store.read_tensors(null.embedding) if hp.caption_dropout > 0 else None

@@ -20,7 +20,6 @@ from diffusers.training_utils import compute_snr
 from transformers import AutoTokenizer, CLIPTextModel
 
 from loraflow.config import TrainConfig
-
 from loraflow.families.base import DTYPES, Cond, Family
 
 
