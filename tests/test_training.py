@@ -27,7 +27,9 @@ def test_killed_run_with_every_option_resumes_bitwise(tmp_path):
     generate_shapes(tmp_path / "data", variants=1)
     cfg = small_config(tmp_path / "store", tmp_path / "data", train=OPTIONS | {"tensorboard_dir": str(tmp_path / "tb")},
                        sample={"prompts": []})
-    env = session_env(OMP_NUM_THREADS="1", LORAFLOW_LOCK_LEASE_SECONDS="2")  # the killed run's lock lapses soon
+    # The killed run's lock lapses soon. Torch threads as in this process, where the fresh run trains:
+    # float sums split over another number of threads round differently, and weights are compared bitwise.
+    env = session_env(LORAFLOW_LOCK_LEASE_SECONDS="2")
     kill_while_training(cfg, tmp_path, env)
     finish(start_cli(cfg, tmp_path, "resumed", env))
     resumed = json.loads((tmp_path / "resumed.json").read_text())
