@@ -84,9 +84,10 @@ def train(family: str, denoiser: Component, examples: ListRef, null: NullEmbeddi
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=hp.mixed_precision == "bf16")
     for step in range(start, hp.steps):
         # One optimizer step over `gradient_accumulation_steps` batches.
-        losses = []
+        losses, images = [], 0
         for _ in range(hp.gradient_accumulation_steps):
             x, cond = next_batch(data, buckets, generator, null_cond, hp, device)
+            images += len(x["latent"])  # fewer than batch_size from a bucket smaller than it
             with autocast:
                 loss = fam.training_loss(model, schedule, x, cond, generator, hp)
             (loss / hp.gradient_accumulation_steps).backward()
@@ -102,8 +103,7 @@ def train(family: str, denoiser: Component, examples: ListRef, null: NullEmbeddi
         if ema is not None:
             ema.step(params)
         done = step + 1
-        log.step(done, torch.stack(losses).mean().item(), lr, grad_norm.item(),
-                 images=hp.batch_size * hp.gradient_accumulation_steps)
+        log.step(done, torch.stack(losses).mean().item(), lr, grad_norm.item(), images)
         if done % hp.checkpoint_every == 0 or done == hp.steps:
             log.flush()
             steps[done], ema_weights = save_checkpoint(store, run_key, done, hp, fam, state, log.rows)
