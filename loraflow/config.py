@@ -70,7 +70,11 @@ class TrainConfig(_Section):
     batch_size: int = Field(4, ge=1)
     checkpoint_every: int = Field(25, ge=1)
     caption_dropout: float = Field(0.0, ge=0, le=1)
-    mixed_precision: Literal["no", "bf16"] = "no"
+    mixed_precision: Literal["no", "bf16"] = "no"  # accelerate's autocast of the forward pass
+    # Data-parallel processes (accelerate launch; gloo between CPU processes): each trains on
+    # `batch_size` examples of every step's batch of batch_size x processes. In the key: N x B and
+    # 1 x N*B learn the same to float rounding, not bitwise.
+    processes: int = Field(1, ge=1)
     seed: int = 0
     # Flow-matching families (SD3, Flux): how training timesteps are drawn and losses weighted, as
     # diffusers' SD3/Flux trainers do. None: the family's default (SD3 logit_normal, Flux none).

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from loraflow.dataset import generate_shapes
 from loraflow.sealed import unsealed_json
-from tests.helpers import finish, kill_while_training, report_states, row, run, session_env, small_config, start_cli
+from tests.helpers import finish, kill_while_training, report_states, run, session_env, small_config, start_cli
 
 STEPS, EVERY = 20, 5
 OPTIONS = {"steps": STEPS, "checkpoint_every": EVERY, "batch_size": 2, "lr_scheduler": "cosine", "lr_warmup_steps": 3,
@@ -27,8 +27,10 @@ def test_killed_run_with_every_option_resumes_bitwise(tmp_path):
     generate_shapes(tmp_path / "data", variants=1)
     cfg = small_config(tmp_path / "store", tmp_path / "data", train=OPTIONS | {"tensorboard_dir": str(tmp_path / "tb")},
                        sample={"prompts": []})
-    # The killed run's lock lapses soon. Torch threads as in this process, where the fresh run trains:
-    # float sums split over another number of threads round differently, and weights are compared bitwise.
+    # The killed run's lock lapses soon. All three runs are processes with the same environment: float
+    # sums split over another number of torch threads round differently, and weights are compared
+    # bitwise, so the uninterrupted run must not train in this process (whose threads earlier tests may
+    # have changed).
     env = session_env(LORAFLOW_LOCK_LEASE_SECONDS="2")
     kill_while_training(cfg, tmp_path, env)
     finish(start_cli(cfg, tmp_path, "resumed", env))
@@ -37,16 +39,18 @@ def test_killed_run_with_every_option_resumes_bitwise(tmp_path):
     reused = next(t for t in resumed["tasks"] if t["task"] == "train")["reused"]
     assert reused % EVERY == 0 and 0 < reused < STEPS, "the first run must have been killed mid-training"
 
-    fresh, _ = run(small_config(tmp_path / "store-2", tmp_path / "data", train=OPTIONS, sample={"prompts": []}))
-    assert row(fresh, "train").reused == 0
-    for a, b in [(resumed["weights"], fresh.weights), (resumed["ema_weights"], fresh.ema_weights)]:
+    finish(start_cli(small_config(tmp_path / "store-2", tmp_path / "data", train=OPTIONS, sample={"prompts": []}),
+                     tmp_path, "fresh", env))
+    fresh = json.loads((tmp_path / "fresh.json").read_text())
+    assert next(t for t in fresh["tasks"] if t["task"] == "train")["reused"] == 0
+    for a, b in [(resumed["weights"], fresh["weights"]), (resumed["ema_weights"], fresh["ema_weights"])]:
         x, y = load_file(a), load_file(b)
         assert x.keys() == y.keys()
         assert all((x[k] == y[k]).all() for k in x), (a, b)
 
     # The metrics of both runs agree on every step (times aside); the resumed one kept the steps
     # before the kill from its checkpoint.
-    ours, theirs = (json.loads(unsealed_json(open(m, "rb").read())) for m in (resumed["metrics"], fresh.metrics))
+    ours, theirs = (json.loads(unsealed_json(open(m, "rb").read())) for m in (resumed["metrics"], fresh["metrics"]))
     assert [r["step"] for r in ours] == list(range(1, STEPS + 1))
     for a, b in zip(ours, theirs):
         assert {k: a[k] for k in ("step", "loss", "lr", "grad_norm")} == {k: b[k] for k in ("step", "loss", "lr", "grad_norm")}
@@ -61,7 +65,7 @@ def test_killed_run_with_every_option_resumes_bitwise(tmp_path):
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in ours])
 
     # A progress line every `log_every` steps, with speed and time left.
-    logs = flow_logs(fresh.flow_run_id)
+    logs = flow_logs(fresh["flow_run_id"])
     progress = [m for m in logs if m.startswith("step ") and "steps/s" in m]
     assert [m.split()[1] for m in progress] == [f"{s}/{STEPS}" for s in range(4, STEPS + 1, 4)]
     assert all("ETA" in m and "loss" in m and "lr" in m for m in progress)
@@ -99,3 +103,44 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path):
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         assert torch.allclose(plain[name], checkpointed[name], rtol=1e-4, atol=1e-6), name
+
+
+DATA_PARALLEL = {"steps": 6, "checkpoint_every": 3, "lr_warmup_steps": 0, "log_every": 3}
+
+
+def test_two_processes_of_batch_two_train_as_one_process_of_batch_four(tmp_path):
+    """`train.processes: 2` (accelerate launch, gloo between CPU processes): each rank trains on its
+    half of every step's batch of four, and DDP averages their gradients."""
+    generate_shapes(tmp_path / "data", variants=1)
+
+    def weights(name, **train):
+        report, states = run(small_config(tmp_path / name, tmp_path / "data", train=DATA_PARALLEL | train,
+                                          sample={"prompts": []}))
+        assert states["train"] == "Completed"
+        return report, load_file(report.weights)
+
+    report, two = weights("two", batch_size=2, processes=2)
+    _, one = weights("one", batch_size=4)
+    _, half = weights("half", batch_size=2)  # what one rank alone would learn
+    assert two.keys() == one.keys()
+    for name in one:
+        assert torch.allclose(two[name], one[name], rtol=1e-4, atol=1e-6), name
+    assert max((half[k] - one[k]).abs().max() for k in one) > 100 * max((two[k] - one[k]).abs().max() for k in one)
+    # Rank 0's progress lines reached the task's log.
+    progress = [m for m in flow_logs(report.flow_run_id) if m.startswith("step ") and "steps/s" in m]
+    assert [m.split()[1] for m in progress] == ["3/6", "6/6"]
+
+
+def test_a_killed_two_process_run_resumes_bitwise(tmp_path):
+    generate_shapes(tmp_path / "data", variants=1)
+    train = {"steps": 12, "checkpoint_every": 3, "batch_size": 2, "processes": 2}
+    env = session_env(LORAFLOW_LOCK_LEASE_SECONDS="2")
+    cfg = small_config(tmp_path / "store", tmp_path / "data", train=train, sample={"prompts": []})
+    kill_while_training(cfg, tmp_path, env)  # its ranks die with it
+    finish(start_cli(cfg, tmp_path, "resumed", env))
+    finish(start_cli(cfg.model_copy(update={"store": str(tmp_path / "store-2")}), tmp_path, "fresh", env))
+    resumed, fresh = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("resumed", "fresh"))
+    reused = next(t for t in resumed["tasks"] if t["task"] == "train")["reused"]
+    assert reused % 3 == 0 and 0 < reused < 12, "the first run must have been killed mid-training"
+    x, y = load_file(resumed["weights"]), load_file(fresh["weights"])
+    assert x.keys() == y.keys() and all((x[k] == y[k]).all() for k in x)

@@ -46,7 +46,7 @@ def test_a_tiny_data_budget_trains_the_same_weights(shapes, tmp_path, monkeypatc
             reads.append(key)
             super()._keep(key, tensors)
 
-    monkeypatch.setattr(importlib.import_module("tasks.train"), "StoreExamples", Tight)
+    monkeypatch.setattr(importlib.import_module("loraflow.training"), "StoreExamples", Tight)
     tight, _ = run(cfg.model_copy(update={"store": str(tmp_path / "tight")}))
     assert len(reads) > len(set(reads))  # objects were dropped and read again
     assert Path(tight.weights).read_bytes() == Path(roomy.weights).read_bytes()

@@ -84,10 +84,19 @@ class Family:
     def load_noise_schedule(self, model_dir: str) -> Any:
         raise NotImplementedError
 
+    def draw_noise(self, schedule: Any, shape: torch.Size, generator: torch.Generator,
+                   hp: TrainConfig) -> dict[str, torch.Tensor]:
+        """The objective's random draws for a batch of latents of `shape` (noise, timesteps), on the
+        CPU from `generator`, each with one row per latent. Drawn apart from the loss so that
+        data-parallel ranks draw for the whole batch and each takes its own rows: N processes train
+        as one would on their combined batch."""
+        raise NotImplementedError
+
     def training_loss(self, denoiser: torch.nn.Module, schedule: Any, batch: dict[str, torch.Tensor],
-                      cond: Cond, generator: torch.Generator, hp: TrainConfig) -> torch.Tensor:
+                      cond: Cond, draws: dict[str, torch.Tensor], hp: TrainConfig) -> torch.Tensor:
         """batch: "latent" (B, C, h, w), "original_size" and "crop_top_left" (B, 2) as cached; cond:
-        `encode`'s tensors stacked; hp: the objective's options (timestep weighting, guidance)."""
+        `encode`'s tensors stacked; draws: `draw_noise`'s rows for this batch, on its device; hp:
+        the objective's options (timestep weighting, guidance)."""
         raise NotImplementedError
 
     def check_train(self, hp: TrainConfig) -> None:

@@ -13,14 +13,21 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 from loraflow.config import TrainConfig
 
 
+def draw_flow_noise(shape: torch.Size, hp: TrainConfig, default_scheme: str,
+                    generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Noise and a point `u` in 0..1 per latent drawn from the weighting scheme's density, from the
+    CPU generator (its state is checkpointed)."""
+    noise = torch.randn(shape, generator=generator)
+    u = compute_density_for_timestep_sampling(hp.weighting_scheme or default_scheme, shape[0], logit_mean=hp.logit_mean,
+                                              logit_std=hp.logit_std, mode_scale=hp.mode_scale, generator=generator)
+    return {"noise": noise, "u": u}
+
+
 def add_flow_noise(scheduler, latents: torch.Tensor, hp: TrainConfig, default_scheme: str,
-                   generator: torch.Generator):
+                   draws: dict[str, torch.Tensor]):
     """(noisy latents, timesteps 0..1000, target `noise - x0`, loss weight per sample, sigmas)."""
     scheme = hp.weighting_scheme or default_scheme
-    # Random draws come from the CPU generator (its state is checkpointed), then move.
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-    u = compute_density_for_timestep_sampling(scheme, latents.shape[0], logit_mean=hp.logit_mean,
-                                              logit_std=hp.logit_std, mode_scale=hp.mode_scale, generator=generator)
+    noise, u = draws["noise"], draws["u"].cpu()
     index = (u * scheduler.config.num_train_timesteps).long()
     timesteps = scheduler.timesteps[index].to(latents.device)
     sigmas = scheduler.sigmas[index].to(latents.device, latents.dtype)

@@ -14,7 +14,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
 from loraflow.families.base import DTYPES, Cond, Family, with_pooled
-from loraflow.families.flow_matching import add_flow_noise, weighted_mse
+from loraflow.families.flow_matching import add_flow_noise, draw_flow_noise, weighted_mse
 
 
 class Flux(Family):
@@ -58,13 +58,16 @@ class Flux(Family):
     def load_noise_schedule(self, model_dir):
         return FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
 
-    def training_loss(self, denoiser, schedule, batch, cond, generator, hp):
+    def draw_noise(self, schedule, shape, generator, hp):
+        return draw_flow_noise(shape, hp, self.default_weighting, generator)
+
+    def training_loss(self, denoiser, schedule, batch, cond, draws, hp):
         latents = batch["latent"]
         b, c, h, w = latents.shape
-        noisy, timesteps, target, weighting, _ = add_flow_noise(schedule, latents, hp, self.default_weighting, generator)
+        noisy, timesteps, target, weighting, _ = add_flow_noise(schedule, latents, hp, self.default_weighting, draws)
         embeds = cond["prompt_embeds"]
         guidance = None
-        if denoiser.config.guidance_embeds:
+        if getattr(denoiser, "module", denoiser).config.guidance_embeds:  # the model itself, or under DDP
             guidance = torch.full((b,), hp.guidance_embedding, device=latents.device)
         pred = denoiser(
             hidden_states=FluxPipeline._pack_latents(noisy, b, c, h, w), timestep=timesteps / 1000,

@@ -77,11 +77,13 @@ class Sana(Family):
         # Converted Sana checkpoints ship a DPM-Solver config with `flow_shift`; tiny ones `shift`.
         return {"shift": float(config.get("flow_shift") or config.get("shift") or 1.0)}
 
-    def training_loss(self, denoiser, schedule, batch, cond, generator, hp):
+    def draw_noise(self, schedule, shape, generator, hp):
+        # From the CPU generator (its state is checkpointed): noise, and a point in 0..1 per latent.
+        return {"noise": torch.randn(shape, generator=generator), "u": torch.rand((shape[0],), generator=generator)}
+
+    def training_loss(self, denoiser, schedule, batch, cond, draws, hp):
         latents = batch["latent"]
-        # Random draws come from the CPU generator (its state is checkpointed), then move.
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-        u = torch.rand((latents.shape[0],), generator=generator).to(latents.device)
+        noise, u = draws["noise"], draws["u"]
         shift = schedule["shift"]
         sigma = shift * u / (1 + (shift - 1) * u)
         s = sigma.view(-1, 1, 1, 1)

@@ -58,8 +58,11 @@ class StableDiffusion(Family):
     def load_noise_schedule(self, model_dir):
         return DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")
 
-    def training_loss(self, denoiser, schedule, batch, cond, generator, hp):
-        noisy, t, target = add_noise(schedule, batch["latent"], generator, hp)
+    def draw_noise(self, schedule, shape, generator, hp):
+        return draw_timesteps_and_noise(schedule, shape, generator, hp)
+
+    def training_loss(self, denoiser, schedule, batch, cond, draws, hp):
+        noisy, t, target = add_noise(schedule, batch["latent"], draws)
         pred = denoiser(noisy, t, encoder_hidden_states=cond["prompt_embeds"]).sample
         return noise_prediction_loss(schedule, pred, target, t, hp)
 
@@ -78,15 +81,20 @@ class StableDiffusion(Family):
         ).images[0]
 
 
-def add_noise(scheduler, latents: torch.Tensor, generator: torch.Generator, hp: TrainConfig):
-    """A uniformly drawn training timestep per latent: (noisy latents, timesteps, target)."""
-    # Random draws come from the CPU generator (its state is checkpointed), then move.
-    noise = torch.randn(latents.shape, generator=generator)
+def draw_timesteps_and_noise(scheduler, shape: torch.Size, generator: torch.Generator,
+                             hp: TrainConfig) -> dict[str, torch.Tensor]:
+    """Noise and a uniformly drawn training timestep per latent, from the CPU generator (its state
+    is checkpointed)."""
+    noise = torch.randn(shape, generator=generator)
     if hp.noise_offset:  # one offset per latent channel, as diffusers' and kohya's trainers add it
-        noise = noise + hp.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator)
-    noise = noise.to(latents.device)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
-    t = t.to(latents.device)
+        noise = noise + hp.noise_offset * torch.randn((*shape[:2], 1, 1), generator=generator)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (shape[0],), generator=generator)
+    return {"noise": noise, "t": t}
+
+
+def add_noise(scheduler, latents: torch.Tensor, draws: dict[str, torch.Tensor]):
+    """(noisy latents, timesteps, target) for the drawn noise and timesteps."""
+    noise, t = draws["noise"], draws["t"]
     noisy = scheduler.add_noise(latents, noise, t)
     if scheduler.config.prediction_type == "v_prediction":
         return noisy, t, scheduler.get_velocity(latents, noise, t)

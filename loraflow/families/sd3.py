@@ -13,7 +13,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
 from loraflow.families.base import DTYPES, Cond, Family, with_pooled
-from loraflow.families.flow_matching import add_flow_noise, weighted_mse
+from loraflow.families.flow_matching import add_flow_noise, draw_flow_noise, weighted_mse
 
 
 class StableDiffusion3(Family):
@@ -53,10 +53,12 @@ class StableDiffusion3(Family):
     def load_noise_schedule(self, model_dir):
         return FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
 
-    def training_loss(self, denoiser, schedule, batch, cond, generator, hp):
+    def draw_noise(self, schedule, shape, generator, hp):
+        return draw_flow_noise(shape, hp, self.default_weighting, generator)
+
+    def training_loss(self, denoiser, schedule, batch, cond, draws, hp):
         latents = batch["latent"]
-        noisy, timesteps, target, weighting, sigmas = add_flow_noise(schedule, latents, hp, self.default_weighting,
-                                                                     generator)
+        noisy, timesteps, target, weighting, sigmas = add_flow_noise(schedule, latents, hp, self.default_weighting, draws)
         pred = denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond["prompt_embeds"],
                         pooled_projections=cond["pooled_prompt_embeds"], return_dict=False)[0]
         if hp.precondition_outputs is not False:  # diffusers' SD3 trainer's default

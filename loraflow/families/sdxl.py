@@ -13,7 +13,7 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
 from loraflow.families.base import DTYPES, Cond, with_pooled
-from loraflow.families.sd import StableDiffusion, add_noise, noise_prediction_loss
+from loraflow.families.sd import StableDiffusion, add_noise, draw_timesteps_and_noise, noise_prediction_loss
 
 
 class StableDiffusionXL(StableDiffusion):
@@ -40,10 +40,13 @@ class StableDiffusionXL(StableDiffusion):
         # time_ids' target size is in pixels: the latent's size times the VAE's downsampling.
         return super().load_noise_schedule(model_dir), self.vae_scale_factor(model_dir)
 
-    def training_loss(self, denoiser, schedule, batch, cond, generator, hp):
+    def draw_noise(self, schedule, shape, generator, hp):
+        return draw_timesteps_and_noise(schedule[0], shape, generator, hp)
+
+    def training_loss(self, denoiser, schedule, batch, cond, draws, hp):
         scheduler, vae_scale_factor = schedule
         latents = batch["latent"]
-        noisy, t, target = add_noise(scheduler, latents, generator, hp)
+        noisy, t, target = add_noise(scheduler, latents, draws)
         pred = denoiser(noisy, t, encoder_hidden_states=cond["prompt_embeds"],
                         added_cond_kwargs=self.added_cond(batch, cond, vae_scale_factor)).sample
         return noise_prediction_loss(scheduler, pred, target, t, hp)
