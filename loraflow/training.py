@@ -174,12 +174,12 @@ def next_batch(data, buckets, generator, null_cond, hp, fam, schedule, device, r
         counts = torch.tensor([len(b) for b in buckets], dtype=torch.float64)
         members = buckets[torch.multinomial(counts, 1, generator=generator).item()]
         batch = [members[i] for i in torch.randperm(len(members), generator=generator)[:size].tolist()]
-    flip = torch.rand(len(batch), generator=generator) < 0.5  # the mirrored latent, where one is cached
-    drop = torch.rand(len(batch), generator=generator) < hp.caption_dropout if null_cond is not None else None
     mine = slice(rank * len(batch) // ranks, (rank + 1) * len(batch) // ranks)
-
     latents, captions = zip(*data.__getitems__(batch[mine]))
-    picked = [pick_latent(latent, f) for latent, f in zip(latents, flip[mine].tolist())]
+    # The mirrored latent half the time, where the cache has them (all examples or none).
+    flip = torch.rand(len(batch), generator=generator) < 0.5 if "latent_flipped" in latents[0] else None
+    drop = torch.rand(len(batch), generator=generator) < hp.caption_dropout if null_cond is not None else None
+    picked = [pick_latent(latent, flip is not None and bool(flip[mine][i])) for i, latent in enumerate(latents)]
     x = {name: torch.stack([p[name] for p in picked]).to(device) for name in picked[0]}
     cond = {name: torch.stack([c[name] for c in captions]) for name in captions[0]}
     if drop is not None:
