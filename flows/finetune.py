@@ -5,6 +5,8 @@ The latent cache and caption encoding run as one task per shard on the configure
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -16,12 +18,11 @@ from loraflow.buckets import cut_size, plan_buckets
 from loraflow.config import RunConfig
 from loraflow.dataset import load_dataset, read_sample_prompts
 from loraflow.families import get_family
-from loraflow.manifests import Example
+from loraflow.manifests import Example, Samples, Weights
 from loraflow.models import check_resolution, resolve_model
 from loraflow.remote import storage_options
 from loraflow.hashing import sha256_bytes
-from loraflow.report import Report, StageRunner
-from loraflow.runners import task_runner
+from loraflow.report import Report, SampleRow, StageRunner
 from loraflow.shards import store_shards
 from loraflow.store import Store
 from tasks import build_latent_cache, encode_prompts, null_embedding, sample, train
@@ -31,7 +32,44 @@ from tasks import build_latent_cache, encode_prompts, null_embedding, sample, tr
 def finetune(cfg: RunConfig = RunConfig()) -> Report:
     logger = get_run_logger()
     cfg = with_deployment_defaults(cfg)
-    # Inputs are read and checked once, before any task runs: a bad file fails the run here.
+    inputs = read_inputs(cfg, logger)
+    store = inputs.store
+    report = Report(flow_run_id=str(flow_run.get_id()), store=store.url, started=now())
+    out = stages(cfg, inputs, StageRunner(store, report))
+
+    report.weights = store.url_of(out.weights.final.path)
+    report.ema_weights = store.url_of(out.weights.ema[out.weights.final_step].path) if out.weights.ema else None
+    report.metrics = store.url_of(out.weights.metrics.path) if out.weights.metrics else None
+    if out.samples:
+        report.samples = [store.url_of(s.image.path) for s in out.samples.images]
+        report.sample_images = [SampleRow(prompt=s.prompt, step=s.step, index=s.index, url=store.url_of(s.image.path))
+                                for s in out.samples.images]
+    report.finished = now()
+    store.write_atomic(f"reports/{report.flow_run_id}.json", report.model_dump_json(indent=2).encode())
+    logger.info("run report:\n%s", report.table())
+    create_markdown_artifact(key="loraflow-run-report", markdown=report.markdown(),
+                             description="loraflow: per-task cache state, items computed and reused")
+    return report
+
+
+@dataclass
+class Inputs:
+    """What a run reads and checks before any task runs: a bad file fails the run here."""
+
+    store: Store
+    model: Any  # loraflow.models.ResolvedModel: each component's local path and fingerprint
+    buckets: list | None
+    images: list
+    sample_prompts: list[str]
+
+
+@dataclass
+class Outputs:
+    weights: Weights
+    samples: Samples | None
+
+
+def read_inputs(cfg: RunConfig, logger) -> Inputs:
     options = storage_options(cfg.storage_options, cfg.storage_secret)
     store = Store(cfg.store, options)
     fam = get_family(cfg.model.family)
@@ -43,51 +81,49 @@ def finetune(cfg: RunConfig = RunConfig()) -> Report:
     sample_prompts = read_sample_prompts(cfg.sample, options)
     if not sample_prompts:
         logger.warning("no sample prompts: the run trains but makes no samples")
+    return Inputs(store, model, buckets, images, sample_prompts)
 
-    report = Report(flow_run_id=str(flow_run.get_id()), store=store.url)
-    run = StageRunner(store, report)
+
+def stages(cfg: RunConfig, inputs: Inputs, run: StageRunner) -> Outputs:
+    """The DAG: each task handed the manifests of those before it. `run` runs a task (or, for
+    `loraflow plan`, looks its record up and says what it would return)."""
+    store, model, images = inputs.store, inputs.model, inputs.images
     text = dict(family=model.family, text_encoder=model.text_encoder, settings=cfg.encoder, store=store)
     vae = dict(family=model.family, vae=model.vae, resolution=cfg.dataset.resolution,
                center_crop=cfg.dataset.center_crop, flip=cfg.dataset.flip, store=store,
-               batch_size=cfg.dataset.encode_batch_size, buckets=buckets)
+               batch_size=cfg.dataset.encode_batch_size, buckets=inputs.buckets)
 
     # Captions and images are cut into content-defined shards, each stored as one list and handed to
     # its task by reference; lists are in content order, so renaming or reordering files changes no key.
     size = cfg.dataset.shard_size
     caption_shards = store_shards(store, sorted({i.caption for i in images}), lambda c: sha256_bytes(c.encode()), size)
     image_shards = store_shards(store, sorted(images, key=lambda i: i.sha256), lambda i: i.sha256, size)
-    with task_runner(cfg.runner) as runner:  # threads here, or Dask workers
-        caption_parts, latent_parts = run.map(
-            runner,
-            [(encode_prompts, dict(prompts=ref, role=f"captions {label}", **text))
-             for label, ref in caption_shards.items()],
-            [(build_latent_cache, dict(images=ref, shard=label, **vae)) for label, ref in image_shards.items()])
-    prompts = (run(encode_prompts, role="sample prompts", prompts=store.put_list(sample_prompts), **text)
-               if sample_prompts else None)
-    null = run(null_embedding, **text) if sample_prompts or cfg.train.caption_dropout > 0 else None
+    caption_parts, latent_parts = run.map(  # on the task runner: threads here, or Dask workers
+        cfg.runner,
+        [(encode_prompts, dict(prompts=ref, role=f"captions {label}", **text)) for label, ref in caption_shards.items()],
+        [(build_latent_cache, dict(images=ref, shard=label, **vae)) for label, ref in image_shards.items()])
+    prompts = (run(encode_prompts, role="sample prompts", prompts=store.put_list(inputs.sample_prompts), **text)
+               if inputs.sample_prompts else None)
+    null = run(null_embedding, **text) if inputs.sample_prompts or cfg.train.caption_dropout > 0 else None
 
     captions = {prompt: ref for part in caption_parts for prompt, ref in part.items.items()}
     latents = {sha: ref for part in latent_parts for sha, ref in part.items.items()}
     res = cfg.dataset.resolution
     examples = sorted((Example(image=i.name, latent=latents[i.sha256], caption=captions[i.caption],
-                               size=cut_size(i.height, i.width, res, buckets)) for i in images),
+                               size=cut_size(i.height, i.width, res, inputs.buckets)) for i in images),
                       key=lambda e: (e.latent.key, e.caption.key))  # by content, not name
     weights = run(train, family=model.family, denoiser=model.denoiser, examples=store.put_list(examples),
                   null=null if cfg.train.caption_dropout > 0 else None, hp=cfg.train, store=store)
-    report.weights = store.url_of(weights.final.path)
-    report.ema_weights = store.url_of(weights.ema[weights.final_step].path) if weights.ema else None
-    report.metrics = store.url_of(weights.metrics.path) if weights.metrics else None
+    samples = None
     if prompts:
         samples = run(sample, family=model.family, denoiser=model.denoiser, vae=model.vae, weights=weights,
                       prompts=prompts, null=null, settings=cfg.sample.sampler(),
                       resolution=cfg.dataset.resolution, store=store)
-        report.samples = [store.url_of(s.image.path) for s in samples.images]
+    return Outputs(weights, samples)
 
-    store.write_atomic(f"reports/{report.flow_run_id}.json", report.model_dump_json(indent=2).encode())
-    logger.info("run report:\n%s", report.table())
-    create_markdown_artifact(key="loraflow-run-report", markdown=report.markdown(),
-                             description="loraflow: per-task cache state, items computed and reused")
-    return report
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def with_deployment_defaults(cfg: RunConfig) -> RunConfig:

@@ -15,7 +15,9 @@ from prefect.task_runners import TaskRunner
 from pydantic import BaseModel
 
 from loraflow.batching import STOP
+from loraflow.config import RunnerConfig
 from loraflow.manifests import Manifest
+from loraflow.runners import task_runner
 from loraflow.store import Store
 
 
@@ -31,6 +33,7 @@ class TaskRow(BaseModel):
     computed: int
     reused: int
     input_bytes: int  # the task's inputs pickled, as a Dask or process runner ships them: small at any dataset size
+    inputs: dict[str, str] = {}  # {input name: hash of its content} of the inputs in the key (`loraflow plan`)
 
     @property
     def label(self) -> str:
@@ -43,14 +46,24 @@ class TaskRow(BaseModel):
         return f"{self.task}[{role}]" if role else self.task
 
 
+class SampleRow(BaseModel):
+    prompt: str
+    step: int  # the training step whose weights made it
+    index: int  # of `sample.images_per_prompt`
+    url: str
+
+
 class Report(BaseModel):
     flow_run_id: str
     store: str
+    started: str | None = None  # ISO 8601, UTC
+    finished: str | None = None
     tasks: list[TaskRow] = []
     weights: str | None = None
     ema_weights: str | None = None  # the EMA of the final weights (train.ema_decay)
     metrics: str | None = None  # every training step's loss, learning rate, gradient norm and time (JSON)
     samples: list[str] = []
+    sample_images: list[SampleRow] = []  # the samples with their prompt and step
 
     def stages(self) -> list[tuple[str, str, int, int, float, str]]:
         """One line per stage: (label, state, computed, reused, seconds, cache key). A sharded
@@ -105,10 +118,14 @@ class StageRunner:
         state = task.with_options(result_storage=self.records)(**inputs, return_state=True)
         return self._row(task, inputs, state, time.perf_counter() - started)
 
-    def map(self, runner: TaskRunner, *groups: list[tuple[Task, dict[str, Any]]]) -> list[list[Any]]:
-        """Submit every (task, inputs) of every group to `runner` at once (threads, or Dask
-        workers), wait for all, and return each group's manifests in order. A row's seconds run
-        from the submission to when that task run finished."""
+    def map(self, where: RunnerConfig, *groups: list[tuple[Task, dict[str, Any]]]) -> list[list[Any]]:
+        """Submit every (task, inputs) of every group at once to the task runner `where` says
+        (threads, or Dask workers), wait for all, and return each group's manifests in order. A
+        row's seconds run from the submission to when that task run finished."""
+        with task_runner(where) as runner:
+            return self._map(runner, groups)
+
+    def _map(self, runner: TaskRunner, groups) -> list[list[Any]]:
         started = time.perf_counter()
         submitted = [[(task, inputs, runner.submit(task.with_options(result_storage=self.records), inputs))
                       for task, inputs in group] for group in groups]
@@ -142,5 +159,6 @@ class StageRunner:
             computed=0 if cached else result.computed,
             reused=result.computed + result.reused if cached else result.reused,
             input_bytes=len(cloudpickle.dumps(inputs)),
+            inputs=task.cache_policy.input_tokens(inputs),
         ))
         return result

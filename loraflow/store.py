@@ -66,6 +66,12 @@ class ObjectRef(BaseModel):
         return self.key
 
 
+def planned(kind: str, key: str, ext: str) -> ObjectRef:
+    """The ref an object of `key` will have once stored, as far as it is known before it is made:
+    its path and key (all a downstream cache key hashes), not its checksum. For `loraflow plan`."""
+    return ObjectRef(path=Store.object_path(kind, key, ext), key=key, sha256="")
+
+
 class ListRef(BaseModel):
     """A long list (a shard's images, every training example) stored as one object and handed to
     tasks by reference, so what Prefect sees of a task's inputs is O(1) whatever the dataset size.

@@ -206,6 +206,11 @@ def tensorboard_dir(hp: TrainConfig, run_key: str) -> Path | None:
     return Path(hp.tensorboard_dir or cache_root() / "tensorboard") / run_key[:16]
 
 
+def checkpoint_steps(hp: TrainConfig) -> list[int]:
+    """The steps a run stores weights and a checkpoint at: every `checkpoint_every`, and the last."""
+    return sorted({*range(hp.checkpoint_every, hp.steps + 1, hp.checkpoint_every), hp.steps})
+
+
 def checkpoint_key(run_key: str, step: int) -> str:
     return content_key("checkpoint", run_key, step)
 
@@ -238,9 +243,8 @@ def resume(store, run_key, hp, fam, state) -> tuple[int, dict, dict, list]:
 
     Returns that step (0 if none), the stored weights and EMA weights of every step up to it, and
     the metrics rows up to it."""
-    saved = sorted({*range(hp.checkpoint_every, hp.steps + 1, hp.checkpoint_every), hp.steps})
     found = {}
-    for step in saved:
+    for step in checkpoint_steps(hp):
         key = checkpoint_key(run_key, step)
         weights, ckpt = store.find("weights", key, "safetensors"), store.find("checkpoints", key, "safetensors")
         ema = store.find("weights", content_key("ema", key), "safetensors") if state.ema is not None else None

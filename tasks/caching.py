@@ -52,6 +52,11 @@ class ContentKey(CachePolicy):
     def key_for(self, task_name: str, inputs: dict[str, Any]) -> str:
         return content_key(task_name, CACHE_VERSION, {name: inputs[name] for name in self.inputs})
 
+    def input_tokens(self, inputs: dict[str, Any]) -> dict[str, str]:
+        """{input name: hash of its content}: what the run report keeps, so `loraflow plan` can
+        say which inputs of a stage changed since."""
+        return {name: content_key(inputs[name]) for name in self.inputs}
+
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str:
         key = self.key_for(task_ctx.task.name, inputs)
         drop_if_stale(task_ctx.task, key, inputs["store"])
@@ -68,25 +73,31 @@ MAX_RECORD_BYTES = 16 * 2**20  # a manifest is a few kilobytes: anything this bi
 
 def drop_if_stale(task, key: str, store: Store) -> None:
     """Delete the record at `key` unless it is a plain JSON manifest whose objects are all intact."""
+    present, _, problem = check_record(task, key, store)
+    if present and problem:
+        logger.warning("dropping cache record %s of %s: %s; the task runs again", key[:12], task.name, problem)
+        store.delete(f"records/{key}")
+
+
+def check_record(task, key: str, store: Store) -> tuple[bool, Any, str | None]:
+    """(whether a record is at `key`, the manifest in it, why it cannot be trusted or None).
+    Reads only: `drop_if_stale` and `loraflow plan` decide what to do about it."""
     path = f"records/{key}"
     try:
         size = store.fs.size(store.abs(path))
         raw = store.fs.cat_file(store.abs(path)) if size <= MAX_RECORD_BYTES else None
     except FileNotFoundError:
-        return
+        return False, None, None
     if raw is None:
-        problem = f"it is {size} bytes, far more than any manifest"
-    else:
-        try:
-            manifest, problem = read_manifest(raw, get_type_hints(task.fn)["return"])
-        except Exception as exc:  # any way of not being a record (deep nesting is a RecursionError): a miss
-            manifest, problem = None, f"it is unreadable ({type(exc).__name__}: {str(exc)[:200]})"
-        if manifest is not None:
-            broken = [ref.path for ref in store.broken(manifest.refs())]
-            problem = f"{len(broken)} artifact(s) are missing or corrupt, e.g. {broken[0]}" if broken else None
-    if problem:
-        logger.warning("dropping cache record %s of %s: %s; the task runs again", key[:12], task.name, problem)
-        store.delete(path)
+        return True, None, f"it is {size} bytes, far more than any manifest"
+    try:
+        manifest, problem = read_manifest(raw, get_type_hints(task.fn)["return"])
+    except Exception as exc:  # any way of not being a record (deep nesting is a RecursionError): a miss
+        return True, None, f"it is unreadable ({type(exc).__name__}: {str(exc)[:200]})"
+    if manifest is not None:
+        broken = [ref.path for ref in store.broken(manifest.refs())]
+        problem = f"{len(broken)} artifact(s) are missing or corrupt, e.g. {broken[0]}" if broken else None
+    return True, manifest, problem
 
 
 def read_manifest(raw: bytes, manifest_type: type) -> tuple[Any, str | None]:

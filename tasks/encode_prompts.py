@@ -14,7 +14,7 @@ from loraflow.families import get_family, loaded, pick_device
 from loraflow.hashing import content_key
 from loraflow.manifests import Embeddings
 from loraflow.models import Component
-from loraflow.store import ListRef, Store
+from loraflow.store import ListRef, Store, planned
 from tasks.caching import ContentKey
 
 # Key: text-encoder fingerprint (weights, config, tokenizer), encoder settings (all but
@@ -25,6 +25,13 @@ CACHE_KEY = ContentKey("family", "text_encoder", "settings", "prompts")
 
 def embedding_key(family: str, text_encoder: Component, settings: EncoderConfig, prompt: str) -> str:
     return content_key("embedding", family, text_encoder, settings, prompt)
+
+
+def predict(prompts: ListRef, family: str, text_encoder: Component, settings: EncoderConfig, store: Store,
+            role: str) -> Embeddings:
+    """What the task would return, by key (for `loraflow plan`)."""
+    return Embeddings(items={p: planned("embeddings", embedding_key(family, text_encoder, settings, p), "safetensors")
+                             for p in store.read_list(prompts)})
 
 
 @task(name="encode-prompts", cache_policy=CACHE_KEY, result_serializer="json", task_run_name="encode-prompts[{role}]")

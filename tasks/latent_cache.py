@@ -22,7 +22,7 @@ from loraflow.families import get_family, loaded, pick_device
 from loraflow.hashing import content_key, sha256_bytes
 from loraflow.manifests import Latents
 from loraflow.models import Component
-from loraflow.store import ListRef, ObjectRef, Store
+from loraflow.store import ListRef, ObjectRef, Store, planned
 from tasks.caching import ContentKey
 
 # Key: VAE fingerprint, the shard's image bytes (each image's sha256, through the list's identity),
@@ -36,6 +36,21 @@ def latent_key(family: str, vae: Component, image: ImageItem, size: int | Size, 
     bucket, or resolution²), crop and flip. Changing the buckets keeps the latents whose cut stays."""
     size = (size, size) if isinstance(size, int) else tuple(size)
     return content_key("latent", family, vae, image, size, center_crop, flip)
+
+
+def latent_keys(images: dict[str, ImageItem], sizes: dict[str, Size], family: str, vae: Component,
+                center_crop: bool, flip: bool) -> dict[str, str]:
+    """{image sha256: its latent's key}."""
+    return {sha: latent_key(family, vae, image, sizes[sha], center_crop, flip) for sha, image in images.items()}
+
+
+def predict(images: ListRef, family: str, vae: Component, resolution: int, center_crop: bool, flip: bool,
+            store: Store, shard: str = "1/1", batch_size: int | None = None, buckets: list[Size] | None = None) -> Latents:
+    """What the task would return, by key (for `loraflow plan`)."""
+    unique = {i.sha256: i for i in store.read_list(images, ImageItem)}
+    sizes = {sha: cut_size(i.height, i.width, resolution, buckets) for sha, i in unique.items()}
+    keys = latent_keys(unique, sizes, family, vae, center_crop, flip)
+    return Latents(items={sha: planned("latents", key, "safetensors") for sha, key in keys.items()})
 
 
 @dataclass
@@ -70,7 +85,7 @@ def build_latent_cache(images: ListRef, family: str, vae: Component, resolution:
     logger = get_run_logger()
     unique = {i.sha256: i for i in store.read_list(images, ImageItem)}
     sizes = {sha: cut_size(i.height, i.width, resolution, buckets) for sha, i in unique.items()}
-    keys = {sha: latent_key(family, vae, image, sizes[sha], center_crop, flip) for sha, image in unique.items()}
+    keys = latent_keys(unique, sizes, family, vae, center_crop, flip)
     found = store.find_many("latents", list(keys.values()), "safetensors")
     items = {sha: found[key] for sha, key in keys.items() if key in found}
     # Batches of one size each (a bucket's images), in content order within it.

@@ -13,7 +13,7 @@ from loraflow.families import get_family, pick_device
 from loraflow.hashing import content_key
 from loraflow.manifests import NullEmbedding
 from loraflow.models import Component
-from loraflow.store import Store
+from loraflow.store import Store, planned
 from tasks.caching import ContentKey
 
 # Key: text-encoder fingerprint and encoder settings.
@@ -22,6 +22,11 @@ CACHE_KEY = ContentKey("family", "text_encoder", "settings")
 
 def null_key(family: str, text_encoder: Component, settings: EncoderConfig) -> str:
     return content_key("null-embedding", family, text_encoder, settings)
+
+
+def predict(family: str, text_encoder: Component, settings: EncoderConfig, store: Store) -> NullEmbedding:
+    """What the task would return, by key (for `loraflow plan`)."""
+    return NullEmbedding(embedding=planned("null", null_key(family, text_encoder, settings), "safetensors"))
 
 
 @task(name="null-embedding", task_run_name="null-embedding", cache_policy=CACHE_KEY, result_serializer="json")

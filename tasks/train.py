@@ -13,8 +13,9 @@ from loraflow.families import get_family
 from loraflow.manifests import NullEmbedding, Weights
 from loraflow.models import Component
 from loraflow.optim import LENGTH_DEPENDENT
-from loraflow.store import ListRef, Store
-from loraflow.training import TrainJob
+from loraflow.hashing import content_key
+from loraflow.store import ListRef, Store, planned
+from loraflow.training import TrainJob, checkpoint_key, checkpoint_steps
 from loraflow.training import train as train_loop
 from tasks.caching import ContentKey
 
@@ -23,16 +24,29 @@ from tasks.caching import ContentKey
 CACHE_KEY = ContentKey("family", "denoiser", "examples", "null", "hp")
 
 
+def run_key(family: str, denoiser: Component, examples: ListRef, null: NullEmbedding | None, hp: TrainConfig) -> str:
+    """Where the run's checkpoints live: the training inputs minus the checkpoint spacing and,
+    unless the LR schedule depends on it, the run length. A re-run with the same inputs, or one
+    asked to train longer, resumes from them."""
+    same_run = hp.model_copy(update={"checkpoint_every": 1} | ({} if hp.lr_scheduler in LENGTH_DEPENDENT else {"steps": 0}))
+    return CACHE_KEY.key_for("train", dict(family=family, denoiser=denoiser, examples=examples, null=null, hp=same_run))
+
+
+def predict(family: str, denoiser: Component, examples: ListRef, null: NullEmbedding | None, hp: TrainConfig,
+            store: Store) -> Weights:
+    """What the task would return, by key (for `loraflow plan`)."""
+    key = run_key(family, denoiser, examples, null, hp)
+    steps = {s: planned("weights", checkpoint_key(key, s), "safetensors") for s in checkpoint_steps(hp)}
+    ema = {s: planned("weights", content_key("ema", ref.key), "safetensors") for s, ref in steps.items()} if hp.ema_decay else {}
+    return Weights(method=hp.method, final_step=hp.steps, steps=steps, ema=ema)
+
+
 @task(name="train", task_run_name="train", cache_policy=CACHE_KEY, result_serializer="json")
 def train(family: str, denoiser: Component, examples: ListRef, null: NullEmbedding | None,
           hp: TrainConfig, store: Store) -> Weights:
     """`examples` is the stored list of every training `Example` (a latent and a caption embedding)."""
     get_family(family).check_train(hp)
-    # Checkpoints live under the training inputs minus the checkpoint spacing and, unless the LR
-    # schedule depends on it, the run length: a re-run with the same inputs, or one asked to train
-    # longer, resumes from them.
-    same_run = hp.model_copy(update={"checkpoint_every": 1} | ({} if hp.lr_scheduler in LENGTH_DEPENDENT else {"steps": 0}))
-    run_key = CACHE_KEY.key_for("train", dict(family=family, denoiser=denoiser, examples=examples, null=null, hp=same_run))
-    job = TrainJob(family=family, denoiser=denoiser, examples=examples, null=null, hp=hp, run_key=run_key,
+    job = TrainJob(family=family, denoiser=denoiser, examples=examples, null=null, hp=hp,
+                   run_key=run_key(family, denoiser, examples, null, hp),
                    store_url=store.url, storage_options=store.storage_options)
     return train_loop(job, get_run_logger())

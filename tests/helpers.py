@@ -22,6 +22,7 @@ from prefect.settings import PREFECT_API_URL
 
 from flows.finetune import finetune
 from loraflow.config import RunConfig
+from loraflow.plan import plan
 from loraflow.report import Report
 
 STAGES = ["captions", "prompts", "null", "latents", "train", "sample"]
@@ -62,11 +63,19 @@ def small_config(store: Path, dataset: Path, family: str = "sd", **sections) -> 
     return RunConfig.model_validate(cfg)
 
 
-def run(cfg: RunConfig) -> tuple[Report, dict[str, str]]:
-    """Run the flow; return its report and {stage: Prefect state name} read from the API."""
+def run(cfg: RunConfig, check_plan: bool = False) -> tuple[Report, dict[str, str]]:
+    """Run the flow; return its report and {stage: Prefect state name} read from the API.
+    `check_plan`: first ask `loraflow plan`, and check that each task run's state and key are
+    what it said."""
+    planned = {p.label: (p.state, p.cache_key) for p in plan(cfg)} if check_plan else None
     state = finetune(cfg, return_state=True)
     report: Report = state.result()
-    return report, task_states(state.state_details.flow_run_id)
+    flow_run_id = state.state_details.flow_run_id
+    if check_plan:  # states from Prefect's API; keys from the report (the API does not keep them)
+        keys = {r.label: r.cache_key for r in report.tasks}
+        actual = {r.name: (r.state.name, keys.get(r.name)) for r in final_task_runs(flow_run_id)}
+        assert planned == actual, f"plan {planned}\n!= run {actual}"
+    return report, task_states(flow_run_id)
 
 
 def task_states(flow_run_id) -> dict[str, str]:

@@ -21,13 +21,20 @@ from safetensors.torch import load_file, save_file
 
 from loraflow.builtin import builtin_path
 from loraflow.dataset import draw_shape
-from tests.helpers import FAMILIES, STAGES, report_states, row, run, small_config, stored_latents
+from tests import helpers
+from tests.helpers import FAMILIES, STAGES, report_states, row, small_config, stored_latents
 
 C, R = "Cached", "Completed"
 ALL = pytest.mark.parametrize("baseline", FAMILIES, indirect=True)  # rows that hold for every family
 SD = pytest.mark.parametrize("baseline", ["sd"], indirect=True)
 SDXL = pytest.mark.parametrize("baseline", ["sdxl"], indirect=True)
 FLUX = pytest.mark.parametrize("baseline", ["flux"], indirect=True)
+
+
+def run(cfg):
+    """Every row of the matrix also checks `loraflow plan`: its Cached-or-run and key for every
+    task run equal the Prefect states and keys the run then records."""
+    return helpers.run(cfg, check_plan=True)
 
 
 def expect(**changed: str) -> dict[str, str]:
