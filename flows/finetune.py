@@ -18,6 +18,7 @@ from loraflow.buckets import cut_size, plan_buckets
 from loraflow.config import RunConfig
 from loraflow.dataset import load_dataset, read_sample_prompts
 from loraflow.families import get_family
+from loraflow.live import live_run
 from loraflow.manifests import Example, Samples, Weights
 from loraflow.models import check_resolution, resolve_model
 from loraflow.remote import storage_options
@@ -34,9 +35,16 @@ def finetune(cfg: RunConfig = RunConfig()) -> Report:
     cfg = with_deployment_defaults(cfg)
     inputs = read_inputs(cfg, logger)
     store = inputs.store
-    report = Report(flow_run_id=str(flow_run.get_id()), store=store.url, started=now())
-    out = stages(cfg, inputs, StageRunner(store, report))
+    report = Report(flow_run_id=str(flow_run.get_id()), store=store.url, family=cfg.model.family,
+                    method=cfg.train.method, final_step=cfg.train.steps, started=now())
+    with live_run(store, report.flow_run_id):  # `loraflow gc` deletes nothing while this runs
+        out = stages(cfg, inputs, StageRunner(store, report))
+        finish(report, out, store, logger)
+    return report
 
+
+def finish(report: Report, out: Outputs, store: Store, logger) -> None:
+    """Store the run report (what `loraflow ls`, `show`, `plan` and `gc` read) and show it."""
     report.weights = store.url_of(out.weights.final.path)
     report.ema_weights = store.url_of(out.weights.ema[out.weights.final_step].path) if out.weights.ema else None
     report.metrics = store.url_of(out.weights.metrics.path) if out.weights.metrics else None
@@ -49,7 +57,6 @@ def finetune(cfg: RunConfig = RunConfig()) -> Report:
     logger.info("run report:\n%s", report.table())
     create_markdown_artifact(key="loraflow-run-report", markdown=report.markdown(),
                              description="loraflow: per-task cache state, items computed and reused")
-    return report
 
 
 @dataclass

@@ -197,5 +197,41 @@ class RunConfig(_Section):
         text = Path(path).read_text()
         return cls.model_validate(yaml.safe_load(text) or {})
 
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: list[str] = ()) -> "RunConfig":
+        """A YAML file's config (the demo's without one) with `FIELD=VALUE` overrides (`train.steps=50`;
+        the value is read as YAML)."""
+        data = (yaml.safe_load(Path(path).read_text()) or {}) if path else cls.demo().model_dump(exclude_unset=True)
+        for override in overrides:
+            name, sep, value = override.partition("=")
+            if not sep or not name:
+                raise ValueError(f"--set {override!r}: expected FIELD=VALUE, e.g. train.steps=50")
+            *parents, leaf = name.strip().split(".")
+            section = data
+            for part in parents:
+                section = section.setdefault(part, {})
+                if not isinstance(section, dict):
+                    raise ValueError(f"--set {name}: {part} is not a section")
+            section[leaf] = yaml.safe_load(value)
+        return cls.model_validate(data)
+
+    @classmethod
+    def fields(cls, prefix: str = "") -> list[tuple[str, str, Any]]:
+        """(dotted name, type, default) of every field, sections expanded."""
+        found = []
+        for name, info in cls.model_fields.items():
+            default = info.get_default(call_default_factory=True)
+            if isinstance(default, BaseModel):
+                found += type(default).fields(f"{prefix}{name}.") if hasattr(type(default), "fields") else [
+                    (f"{prefix}{name}.{n}", _type_name(i.annotation), i.get_default(call_default_factory=True))
+                    for n, i in type(default).model_fields.items()]
+            else:
+                found.append((f"{prefix}{name}", _type_name(info.annotation), default))
+        return found
+
 
 DEMO_PROMPTS = ["a red circle", "a green square", "a blue triangle"]
+
+
+def _type_name(annotation: Any) -> str:
+    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")

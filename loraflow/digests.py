@@ -96,6 +96,10 @@ class Digests:
         self._write("INSERT OR REPLACE INTO digests_v2 VALUES (?, ?, ?)",
                     [(stamp, sha256, now) for stamp, sha256 in pairs if stamp])
 
+    def forget(self, urls: list[str]) -> None:
+        """Drop the rows of every version of the files at `urls` (deleted by `loraflow gc`)."""
+        self._write("DELETE FROM digests_v2 WHERE stamp > ? AND stamp < ?", [(f"{u}|", f"{u}}}") for u in urls])
+
     def image_sizes(self, shas: list[str]) -> dict[str, tuple[int, int]]:
         """{image sha256: (height, width)} for the images whose size was recorded."""
         return {sha: (h, w) for sha, h, w in self._select("SELECT sha256, height, width FROM image_sizes WHERE sha256", shas)}

@@ -56,6 +56,9 @@ class SampleRow(BaseModel):
 class Report(BaseModel):
     flow_run_id: str
     store: str
+    family: str | None = None
+    method: str | None = None  # "lora" or "full"
+    final_step: int | None = None
     started: str | None = None  # ISO 8601, UTC
     finished: str | None = None
     tasks: list[TaskRow] = []

@@ -239,22 +239,27 @@ def save_checkpoint(store, run_key, step, hp, fam, state, rows):
 
 
 def resume(store, run_key, hp, fam, state) -> tuple[int, dict, dict, list]:
-    """Load the latest step whose weights and checkpoint are all intact (and every one before it).
+    """Load the latest step whose checkpoint is intact, with the weights of it and of every step
+    before it (`loraflow gc` keeps only a run's final checkpoint, and every step's weights).
 
     Returns that step (0 if none), the stored weights and EMA weights of every step up to it, and
     the metrics rows up to it."""
-    found = {}
+    found, resumable = {}, None
     for step in checkpoint_steps(hp):
         key = checkpoint_key(run_key, step)
-        weights, ckpt = store.find("weights", key, "safetensors"), store.find("checkpoints", key, "safetensors")
+        weights = store.find("weights", key, "safetensors")
         ema = store.find("weights", content_key("ema", key), "safetensors") if state.ema is not None else None
-        if not (weights and ckpt and (ema or state.ema is None)):
+        if not (weights and (ema or state.ema is None)):
             break
-        found[step] = (weights, ckpt, ema)
-    if not found:
+        found[step] = (weights, ema)
+        ckpt = store.find("checkpoints", key, "safetensors")
+        if ckpt:
+            resumable = step, ckpt
+    if resumable is None:
         return 0, {}, {}, []
-    step = max(found)
-    weights, ckpt, _ = found[step]
+    step, ckpt = resumable
+    found = {s: v for s, v in found.items() if s <= step}
+    weights, _ = found[step]
     import_weights(fam, state.model, hp.method, store.read(weights))
     data = store.read(ckpt)
     tensors, meta = load_safetensors(data), safetensors_metadata(data)
@@ -264,8 +269,8 @@ def resume(store, run_key, hp, fam, state) -> tuple[int, dict, dict, list]:
     if state.ema is not None:
         state.ema.to(state.params[0].device)
     state.generator.set_state(tensors["rng"])
-    ema_steps = {s: e for s, (_, _, e) in found.items() if e is not None}
-    return step, {s: w for s, (w, _, _) in found.items()}, ema_steps, json.loads(meta["metrics"])
+    ema_steps = {s: e for s, (_, e) in found.items() if e is not None}
+    return step, {s: w for s, (w, _) in found.items()}, ema_steps, json.loads(meta["metrics"])
 
 
 # --- data-parallel ranks under accelerate launch --------------------------------------------------
