@@ -26,6 +26,7 @@ from loraflow.hashing import sha256_bytes
 from loraflow.report import Report, SampleRow, StageRunner
 from loraflow.shards import store_shards
 from loraflow.store import Store
+from loraflow.ui import publish
 from tasks import build_latent_cache, encode_prompts, null_embedding, sample, train
 
 
@@ -57,6 +58,7 @@ def finish(report: Report, out: Outputs, store: Store, logger) -> None:
     logger.info("run report:\n%s", report.table())
     create_markdown_artifact(key="loraflow-run-report", markdown=report.markdown(),
                              description="loraflow: per-task cache state, items computed and reused")
+    publish(report, out.weights, out.samples, store)  # the table, weights link, loss curve and sample grid
 
 
 @dataclass

@@ -68,6 +68,7 @@ def _collect(store: Store, keep: int | None, dry_run: bool) -> Collected:
                   if f"reports/{r.flow_run_id}.json" in files), default=float("-inf"))
 
     needed = {f"reports/{r.flow_run_id}.json" for r in kept_runs}
+    needed |= {p for r in kept_runs for p in files if p.startswith(f"reports/{r.flow_run_id}/")}  # its charts
     types = manifest_types()
     for report in kept_runs:
         for row in report.tasks:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 Row = dict[str, float]
@@ -14,8 +15,10 @@ Row = dict[str, float]
 
 class TrainingLog:
     def __init__(self, logger: logging.Logger | logging.LoggerAdapter, tensorboard_dir: Path | None,
-                 start: int, total: int, every: int, rows: list[Row] | None = None):
+                 start: int, total: int, every: int, rows: list[Row] | None = None,
+                 progress: Callable[[int], None] | None = None):
         self.logger, self.start, self.total, self.every = logger, start, total, every
+        self.progress = progress
         # What the resumed checkpoint saw (without times: those belong to the run that trained them).
         self.rows: list[Row] = [r for r in rows or [] if r["step"] <= start]
         self.began = time.perf_counter()
@@ -34,6 +37,8 @@ class TrainingLog:
         if self.writer is not None:
             for name in ("loss", "lr", "grad_norm"):
                 self.writer.add_scalar(f"train/{name}", row[name], step)
+        if self.progress is not None:
+            self.progress(step)
         done = step - self.start
         if step % self.every == 0 or step == self.total:
             rate = done / seconds if seconds > 0 else 0.0

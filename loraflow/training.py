@@ -17,10 +17,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
 from collections import deque
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -57,16 +59,20 @@ class TrainJob(BaseModel):
     storage_options: dict[str, Any] = {}
 
 
-def train(job: TrainJob, logger: logging.Logger | logging.LoggerAdapter) -> Weights:
+Progress = Callable[[int], None]  # called with each step done (the train task's progress artifact)
+
+
+def train(job: TrainJob, logger: logging.Logger | logging.LoggerAdapter, progress: Progress | None = None) -> Weights:
     if job.hp.processes > 1:
-        return launch(job, logger)
+        return launch(job, logger, progress)
     with _LOADING:  # accelerate's state is process-wide: one run sets it up at a time
         AcceleratorState._reset_state()  # this run's mixed precision, not the previous run's
         accelerator = Accelerator(mixed_precision=job.hp.mixed_precision)
-    return run(job, accelerator, logger)
+    return run(job, accelerator, logger, progress)
 
 
-def run(job: TrainJob, accelerator: Accelerator, logger: logging.Logger | logging.LoggerAdapter) -> Weights:
+def run(job: TrainJob, accelerator: Accelerator, logger: logging.Logger | logging.LoggerAdapter,
+        progress: Progress | None = None) -> Weights:
     hp, fam, main = job.hp, get_family(job.family), accelerator.is_main_process
     rank, ranks = accelerator.process_index, accelerator.num_processes
     store = Store(job.store_url, job.storage_options)
@@ -104,7 +110,8 @@ def run(job: TrainJob, accelerator: Accelerator, logger: logging.Logger | loggin
     if start and main:
         logger.info("resuming from step %d (checkpoint %s)", start, checkpoint_key(job.run_key, start)[:12])
     log = TrainingLog(logger if main else logging.getLogger("loraflow.rank"),
-                      tensorboard_dir(hp, job.run_key) if main else None, start, hp.steps, hp.log_every, rows)
+                      tensorboard_dir(hp, job.run_key) if main else None, start, hp.steps, hp.log_every, rows,
+                      progress if main else None)
     # DDP over the ranks, and the forward pass under accelerate's autocast for mixed precision.
     ddp = accelerator.prepare(model)
 
@@ -275,7 +282,7 @@ def resume(store, run_key, hp, fam, state) -> tuple[int, dict, dict, list]:
 
 # --- data-parallel ranks under accelerate launch --------------------------------------------------
 
-def launch(job: TrainJob, logger: logging.Logger | logging.LoggerAdapter) -> Weights:
+def launch(job: TrainJob, logger: logging.Logger | logging.LoggerAdapter, progress: Progress | None = None) -> Weights:
     """`accelerate launch` of `job.hp.processes` ranks of this module; their log lines are relayed
     to `logger` as they come, and rank 0's result is returned."""
     with tempfile.TemporaryDirectory(prefix="loraflow-train-") as tmp:  # mode 0700: may hold store credentials
@@ -297,6 +304,8 @@ def launch(job: TrainJob, logger: logging.Logger | logging.LoggerAdapter) -> Wei
                 tail.append(line)
                 if line.startswith(RELAYED):
                     logger.info("%s", line[len(RELAYED):])
+                    if progress and (step := STEP_LINE.match(line[len(RELAYED):])):
+                        progress(int(step.group(1)))
         if proc.returncode != 0 or not result_file.exists():
             raise RuntimeError(f"train: the {job.hp.processes} training processes failed "
                                f"(exit code {proc.returncode}):\n" + "\n".join(tail))
@@ -314,6 +323,7 @@ def _die_with_parent() -> None:
 
 
 RELAYED = "loraflow| "  # rank 0's log lines, as the launching task relays them
+STEP_LINE = re.compile(r"step (\d+)/\d+")  # a progress or checkpoint line
 
 
 def main(job_file: str, result_file: str) -> None:

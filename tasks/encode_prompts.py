@@ -16,6 +16,7 @@ from loraflow.manifests import Embeddings
 from loraflow.models import Component
 from loraflow.store import ListRef, Store, planned
 from tasks.caching import ContentKey
+from tasks.options import stage
 
 # Key: text-encoder fingerprint (weights, config, tokenizer), encoder settings (all but
 # `batch_size`, see `EncoderConfig.cache_token`), the prompt texts (the list's identity). Not the
@@ -34,7 +35,7 @@ def predict(prompts: ListRef, family: str, text_encoder: Component, settings: En
                              for p in store.read_list(prompts)})
 
 
-@task(name="encode-prompts", cache_policy=CACHE_KEY, result_serializer="json", task_run_name="encode-prompts[{role}]")
+@task(**stage("encode-prompts"), cache_policy=CACHE_KEY, result_serializer="json", task_run_name="encode-prompts[{role}]")
 def encode_prompts(prompts: ListRef, family: str, text_encoder: Component, settings: EncoderConfig,
                    store: Store, role: str) -> Embeddings:
     """Embeddings of the prompts in a stored list (sample prompts, or one shard of the captions)."""

@@ -24,6 +24,7 @@ from loraflow.manifests import Latents
 from loraflow.models import Component
 from loraflow.store import ListRef, ObjectRef, Store, planned
 from tasks.caching import ContentKey
+from tasks.options import stage
 
 # Key: VAE fingerprint, the shard's image bytes (each image's sha256, through the list's identity),
 # resolution / aspect-ratio buckets / crop / flip settings. Not the shard label or the batch size:
@@ -75,7 +76,7 @@ def cut_image(image: ImageItem, size: Size, center_crop: bool, flip: bool, store
     return Cut(pixels, mirrored, tensors)
 
 
-@task(name="build-latent-cache", task_run_name="build-latent-cache[{shard}]", cache_policy=CACHE_KEY,
+@task(**stage("build-latent-cache"), task_run_name="build-latent-cache[{shard}]", cache_policy=CACHE_KEY,
       result_serializer="json")
 def build_latent_cache(images: ListRef, family: str, vae: Component, resolution: int, center_crop: bool,
                        flip: bool, store: Store, shard: str = "1/1", batch_size: int | None = None,

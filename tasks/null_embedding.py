@@ -15,6 +15,7 @@ from loraflow.manifests import NullEmbedding
 from loraflow.models import Component
 from loraflow.store import Store, planned
 from tasks.caching import ContentKey
+from tasks.options import stage
 
 # Key: text-encoder fingerprint and encoder settings.
 CACHE_KEY = ContentKey("family", "text_encoder", "settings")
@@ -29,7 +30,7 @@ def predict(family: str, text_encoder: Component, settings: EncoderConfig, store
     return NullEmbedding(embedding=planned("null", null_key(family, text_encoder, settings), "safetensors"))
 
 
-@task(name="null-embedding", task_run_name="null-embedding", cache_policy=CACHE_KEY, result_serializer="json")
+@task(**stage("null-embedding"), task_run_name="null-embedding", cache_policy=CACHE_KEY, result_serializer="json")
 def null_embedding(family: str, text_encoder: Component, settings: EncoderConfig, store: Store) -> NullEmbedding:
     key = null_key(family, text_encoder, settings)
     ref = store.find("null", key, "safetensors")

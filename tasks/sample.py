@@ -21,6 +21,7 @@ from loraflow.models import Component
 from loraflow.store import Store
 from loraflow.weights import apply_weights
 from tasks.caching import ContentKey
+from tasks.options import stage
 
 # Key: base model (denoiser and VAE), trained weights, prompt and null embeddings, sampler settings.
 CACHE_KEY = ContentKey("family", "denoiser", "vae", "weights", "prompts", "null", "settings", "resolution")
@@ -31,7 +32,7 @@ def predict(**inputs) -> Samples:
     return Samples(images=[])
 
 
-@task(name="sample", task_run_name="sample", cache_policy=CACHE_KEY, result_serializer="json")
+@task(**stage("sample"), task_run_name="sample", cache_policy=CACHE_KEY, result_serializer="json")
 def sample(family: str, denoiser: Component, vae: Component, weights: Weights, prompts: Embeddings,
            null: NullEmbedding, settings: SamplerSettings, resolution: int, store: Store) -> Samples:
     logger = get_run_logger()

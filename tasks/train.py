@@ -17,7 +17,9 @@ from loraflow.hashing import content_key
 from loraflow.store import ListRef, Store, planned
 from loraflow.training import TrainJob, checkpoint_key, checkpoint_steps
 from loraflow.training import train as train_loop
+from loraflow.ui import TrainProgress
 from tasks.caching import ContentKey
+from tasks.options import stage
 
 # Key: base denoiser fingerprint, the (latent, caption embedding) pairs (the list's identity), the null embedding when
 # caption dropout uses it, hyperparameters and seed (in `hp`).
@@ -41,7 +43,7 @@ def predict(family: str, denoiser: Component, examples: ListRef, null: NullEmbed
     return Weights(method=hp.method, final_step=hp.steps, steps=steps, ema=ema)
 
 
-@task(name="train", task_run_name="train", cache_policy=CACHE_KEY, result_serializer="json")
+@task(**stage("train"), task_run_name="train", cache_policy=CACHE_KEY, result_serializer="json")
 def train(family: str, denoiser: Component, examples: ListRef, null: NullEmbedding | None,
           hp: TrainConfig, store: Store) -> Weights:
     """`examples` is the stored list of every training `Example` (a latent and a caption embedding)."""
@@ -49,4 +51,4 @@ def train(family: str, denoiser: Component, examples: ListRef, null: NullEmbeddi
     job = TrainJob(family=family, denoiser=denoiser, examples=examples, null=null, hp=hp,
                    run_key=run_key(family, denoiser, examples, null, hp),
                    store_url=store.url, storage_options=store.storage_options)
-    return train_loop(job, get_run_logger())
+    return train_loop(job, get_run_logger(), TrainProgress(hp.steps))

@@ -342,6 +342,7 @@ def cli_process(path: Path) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_in_a_real_process(ws):
     """A bad config file, a missing dataset, a corrupt image and an unsupported resolution."""
     before = snapshot(ws / "store")

@@ -67,8 +67,13 @@ AIMED = {stage: f"Task run '{task}'" for stage, task in TASK_OF_STAGE.items()}
 AIMED["null"] = ""
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-@pytest.mark.parametrize("stage", STAGES)
+# The default run stops one stage (training, by SIGTERM); `-m slow` stops every stage by both signals.
+INTERRUPTIONS = [pytest.param(stage, signum, id=f"{stage}-{signum.name}",
+                              marks=() if (stage, signum) == ("train", signal.SIGTERM) else pytest.mark.slow)
+                 for stage in STAGES for signum in (signal.SIGINT, signal.SIGTERM)]
+
+
+@pytest.mark.parametrize("stage,signum", INTERRUPTIONS)
 def test_interrupted_stage_exits_quickly_and_next_run_resumes(busy, tmp_path, stage, signum):
     root, reference, reference_weights = busy
     store = tmp_path / "store"
@@ -130,6 +135,7 @@ def test_ctrl_c_in_a_terminal_stops_the_run_and_its_embedded_server(busy, tmp_pa
 ROUNDS = int(os.environ.get("LORAFLOW_FAULT_ROUNDS", "1"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("round_", range(ROUNDS))
 def test_four_runs_started_together(tmp_path, round_):
     """Four `loraflow run` of one config, started together on a fresh machine (empty LORAFLOW_HOME and

@@ -110,6 +110,7 @@ def test_swapped_object_is_recomputed(clean, tmp_path, kind):
     assert objects(store) == untouched  # every object, the trained weights and samples included
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_same_bytes(clean, tmp_path):
     """Each run in its own process, with its own empty LORAFLOW_HOME (models built there) and store."""
     cfg, _ = clean

@@ -37,6 +37,7 @@ METHODS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_samples_take_the_colour_their_prompt_names(tmp_path, method):
     data = builtin_dataset("shapes")

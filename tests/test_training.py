@@ -131,6 +131,7 @@ def test_two_processes_of_batch_two_train_as_one_process_of_batch_four(tmp_path)
     assert [m.split()[1] for m in progress] == ["3/6", "6/6"]
 
 
+@pytest.mark.slow
 def test_a_killed_two_process_run_resumes_bitwise(tmp_path):
     generate_shapes(tmp_path / "data", variants=1)
     train = {"steps": 12, "checkpoint_every": 3, "batch_size": 2, "processes": 2}
