@@ -1,4 +1,4 @@
-"""The `loraflow` command (typer): run, plan, ls, show, gc, export, config.
+"""The `loraflow` command (typer): run, plan, ls, show, gc, export, watch, config.
 
 `loraflow run [--config FILE] [--set FIELD=VALUE ...] [--report FILE] [--debug]` runs the flow
 (the demo without a config). What a person at a terminal sees:
@@ -217,6 +217,28 @@ def export(run_id: Annotated[str, typer.Argument(metavar="RUN", help="a flow run
         say(str(exc))
         return EXIT_FAILED
     print(write(data, out or Path(name)))
+    return 0
+
+
+@app.command()
+def watch(config: ConfigOpt = None, set_: SetOpt = None) -> int:
+    """Emit `loraflow.dataset.changed` if the dataset's listing changed since the last watch (or
+    was never watched): the `finetune/on-demand` deployment's trigger then retrains. Needs PREFECT_API_URL."""
+    from loraflow.watch import watch as watch_dataset
+
+    cfg = load_config(config, set_)
+    if isinstance(cfg, int):
+        return cfg
+    try:
+        found = watch_dataset(cfg)
+    except Exception as exc:
+        say(f"watch failed: {one_line(exc)}")
+        return EXIT_FAILED
+    if found.emitted:
+        why = "first watch" if found.previous is None else "listing changed"
+        print(f"emitted loraflow.dataset.changed for {found.source} ({why}; {found.files} files)")
+    else:
+        print(f"unchanged: {found.source} ({found.files} files); no event")
     return 0
 
 

@@ -38,6 +38,7 @@ def server(tmp_path_factory):
         wait_for(f"http://127.0.0.1:{port}/api/health", 180)
         env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
         prefect(env, "work-pool", "create", "loraflow", "--type", "process")
+        prefect(env, "work-queue", "create", "training", "--pool", "loraflow", "--limit", "1")  # as the README says
         prefect(env, "--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_YAML.relative_to(REPO)))
         yield env
     finally:
@@ -107,3 +108,23 @@ def test_parameter_of_the_wrong_type_is_refused_by_prefect(server, tmp_path):
     output = done.stdout + done.stderr
     assert "steps" in output and "valid" in output.lower(), output[-2000:]
     assert not (tmp_path / "store").exists()  # no run was created
+
+
+def test_a_nightly_and_an_on_demand_run_take_turns(server, tmp_path):
+    """Both deployments train on the pool's `training` queue, limited to one run at a time: with a
+    nightly and an on-demand run due together, a worker starts one and leaves the other queued."""
+    params = {"cfg": {"store": str(tmp_path / "store"), "train": {"steps": 3, "checkpoint_every": 3},
+                      "sample": {"steps": 2}}}
+    ids = [re.search(r"UUID: ([0-9a-f-]{36})", prefect(server, "deployment", "run", f"finetune/{name}", "--params",
+                                                       json.dumps(params)).stdout).group(1)
+           for name in ("nightly", "on-demand")]
+    with api(server), get_client(sync_client=True) as client:
+        for name in ("nightly", "on-demand"):
+            deployment = client.read_deployment_by_name(f"finetune/{name}")
+            assert deployment.work_queue_name == "training"
+            assert deployment.global_concurrency_limit.limit == 1  # and never two runs of one deployment
+    prefect(server, "worker", "start", "--pool", "loraflow", "--run-once")
+    first = sorted(states(server, i)[0] for i in ids)
+    assert first[0] == "Completed" and first[1] in ("Scheduled", "Late"), first  # one ran, one waits its turn
+    prefect(server, "worker", "start", "--pool", "loraflow", "--run-once")
+    assert [states(server, i)[0] for i in ids] == ["Completed", "Completed"]
