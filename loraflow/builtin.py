@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from loraflow.progress import Progress
+
 log = logging.getLogger("loraflow.builtin")
 
 BUILTIN_PREFIX = "builtin:"
@@ -185,7 +187,9 @@ def fit_autoencoder(vae, steps: int = 400, size: int = 16, shift: bool = False) 
         return x
 
     optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    progress = Progress(log, "fitting the tiny VAE", steps, " steps")
     for _ in range(steps):
+        progress.advance()
         x = rectangles()
         posterior = vae.encode(x).latent_dist
         loss = F.mse_loss(vae.decode(posterior.mode()).sample, x) + 1e-6 * posterior.kl().mean()

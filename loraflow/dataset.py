@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from typing import Any
 
 import fsspec
@@ -23,6 +24,7 @@ from loraflow.builtin import BUILTIN_PREFIX, build_once, cache_root
 from loraflow.config import DatasetConfig, SampleConfig
 from loraflow.digests import digests, remote_stamp
 from loraflow.hashing import sha256_bytes
+from loraflow.progress import Progress
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 # How `to_pixels` reads image bytes; part of every image's identity in keys, so raising it (whenever
@@ -92,7 +94,9 @@ def load_dataset(cfg: DatasetConfig, storage_options: dict[str, Any] | None = No
     sizes: dict[str, tuple[int, int]] = {}
     if unread:
         data = _cat(fs, root, base, unread)
+        progress = Progress(logging.getLogger("loraflow.dataset"), f"dataset {base}", len(unread), " images checked")
         for name in unread:
+            progress.advance()
             check_image(data[name], f"{base}/{name}")
             shas[name] = sha256_bytes(data[name])
             sizes[shas[name]] = upright_size(data[name])

@@ -14,6 +14,7 @@ from loraflow.families import get_family, loaded, pick_device
 from loraflow.hashing import content_key
 from loraflow.manifests import Embeddings
 from loraflow.models import Component
+from loraflow.progress import Progress
 from loraflow.store import ListRef, Store, planned
 from tasks.caching import ContentKey
 from tasks.options import stage
@@ -49,9 +50,11 @@ def encode_prompts(prompts: ListRef, family: str, text_encoder: Component, setti
         device = pick_device()
         encoder = loaded(fam.load_text_encoder, text_encoder.path, settings, device)
         size = batch_size_for(settings.batch_size, device, GPU_PROMPT_BATCH)
+        progress = Progress(logger, role, len(todo), " prompts encoded")
         for batch in chunks(todo, size):
             embeddings = padded_pass(lambda texts: fam.encode(encoder, texts, settings), [p for p, _ in batch], size)
             for (prompt, key), tensors in zip(batch, embeddings):
                 items[prompt] = store.put_tensors("embeddings", key, tensors)
+            progress.advance(len(batch))
     logger.info("%s: %d prompt(s) encoded, %d reused", role, len(todo), len(items) - len(todo))
     return Embeddings(items=items, computed=len(todo), reused=len(items) - len(todo))

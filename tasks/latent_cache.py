@@ -22,6 +22,7 @@ from loraflow.families import get_family, loaded, pick_device
 from loraflow.hashing import content_key, sha256_bytes
 from loraflow.manifests import Latents
 from loraflow.models import Component
+from loraflow.progress import Progress
 from loraflow.store import ListRef, ObjectRef, Store, planned
 from tasks.caching import ContentKey
 from tasks.options import stage
@@ -115,6 +116,7 @@ def encode_latents(todo: list[tuple[ImageItem, str]], sizes: dict[str, Size], fa
         return cut_image(job[0], sizes[job[0].sha256], center_crop, flip, store)
 
     by_size = [list(group) for _, group in groupby(todo, key=lambda job: sizes[job[0].sha256])]
+    progress = Progress(get_run_logger(), "latents", len(todo), " encoded")
     with worker_pool() as pool:
         batches = (batch for group in by_size for batch in chunks(group, size))  # never two sizes in one pass
         for batch, cuts in prefetched(pool, batches, load):
@@ -126,6 +128,7 @@ def encode_latents(todo: list[tuple[ImageItem, str]], sizes: dict[str, Size], fa
                     tensors["latent_flipped"] = mirrored
                 writes.append((image.sha256, pool.submit(store.put_tensors, "latents", key, tensors,
                                                          metadata={"image": image.name})))
+            progress.advance(len(batch))
             while len(writes) > 2 * size or (writes and writes[0][1].done()):  # a failed write stops the run here
                 sha, future = writes.popleft()
                 stored[sha] = future.result()

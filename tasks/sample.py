@@ -18,6 +18,7 @@ from loraflow.families import get_family, pick_device
 from loraflow.hashing import content_key
 from loraflow.manifests import Embeddings, NullEmbedding, SampleImage, Samples, Weights
 from loraflow.models import Component
+from loraflow.progress import Progress
 from loraflow.store import Store
 from loraflow.weights import apply_weights
 from tasks.caching import ContentKey
@@ -59,6 +60,7 @@ def sample(family: str, denoiser: Component, vae: Component, weights: Weights, p
         device = pick_device()
         vae_model = fam.load_vae(vae.path, device)
         null_cond = {k: v.to(device) for k, v in store.read_tensors(null.embedding).items()}
+        progress = Progress(logger, "samples", sum(len(jobs) for jobs in todo.values()), " made")
         for step, jobs in todo.items():
             pipe = fam.pipeline(denoiser.path, fam.load_denoiser(denoiser.path).eval(), vae_model)
             apply_weights(pipe, fam, weights.method, store.read(weights.steps[step]))
@@ -70,6 +72,7 @@ def sample(family: str, denoiser: Component, vae: Component, weights: Weights, p
                 image = fam.generate(pipe, cond, null_cond, settings, resolution, generator)
                 ref = store.put("samples", key, png_bytes(image, prompt, step), "png")
                 images[slot] = SampleImage(prompt=prompt, step=step, index=index, image=ref)
+                progress.advance()
     made = sum(len(jobs) for jobs in todo.values())
     logger.info("%d image(s) made, %d reused", made, len(images) - made)
     return Samples(images=images, computed=made, reused=len(images) - made)
