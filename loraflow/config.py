@@ -71,6 +71,9 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(25, ge=1)
     caption_dropout: float = Field(0.0, ge=0, le=1)
     mixed_precision: Literal["no", "bf16"] = "no"  # accelerate's autocast of the forward pass
+    # The frozen base under a LoRA, loaded in this dtype (half its memory in bfloat16); the LoRA
+    # itself trains in float32. bfloat16 needs mixed_precision: bf16 and method: lora.
+    base_dtype: Literal["float32", "bfloat16"] = "float32"
     # Data-parallel processes (accelerate launch; gloo between CPU processes): each trains on
     # `batch_size` examples of every step's batch of batch_size x processes. In the key: N x B and
     # 1 x N*B learn the same to float rounding, not bitwise.
@@ -121,6 +124,16 @@ class TrainConfig(_Section):
 
     def cache_token(self) -> dict[str, Any]:
         return self.model_dump(exclude=RUNTIME_ONLY)
+
+    @model_validator(mode="after")
+    def _base_dtype_fits(self) -> "TrainConfig":
+        if self.base_dtype != "float32" and self.method != "lora":
+            raise ValueError(f"train.base_dtype: {self.base_dtype} is for a frozen base under a LoRA; "
+                             f"method: {self.method} trains the base itself (use float32)")
+        if self.base_dtype == "bfloat16" and self.mixed_precision != "bf16":
+            raise ValueError("train.base_dtype: bfloat16 needs train.mixed_precision: bf16 "
+                             "(the forward pass runs under bf16 autocast)")
+        return self
 
 
 RUNTIME_ONLY = {"gradient_checkpointing", "data_cache_mb", "log_every", "tensorboard_dir"}

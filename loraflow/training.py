@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from diffusers.training_utils import cast_training_params
 from pydantic import BaseModel
 from safetensors.torch import load as load_safetensors
 
@@ -91,10 +92,11 @@ def run(job: TrainJob, accelerator: Accelerator, logger: logging.Logger | loggin
     # Model, optimizer, schedule and EMA, on accelerate's device (a GPU when there is one).
     device = accelerator.device
     torch.manual_seed(hp.seed)
-    model = fam.load_denoiser(job.denoiser.path)
+    model = fam.load_denoiser(job.denoiser.path, getattr(torch, hp.base_dtype))
     if hp.method == "lora":
         model.requires_grad_(False)
         fam.add_lora(model, hp)
+        cast_training_params(model, dtype=torch.float32)  # the LoRA trains in float32 on any base
     if hp.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.to(device)

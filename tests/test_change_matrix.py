@@ -256,6 +256,21 @@ def test_training_option_changed(baseline, tmp_path, setting, value):
     assert row(report, "train").reused == 0
 
 
+@SD
+def test_bfloat16_base_changed(baseline, tmp_path):
+    """`train.base_dtype` alone (bf16 autocast in both runs) re-runs train and sample; the LoRA
+    trained on the bf16 base is stored in float32."""
+    _, cfg = fork(baseline, tmp_path)
+    cfg["train"]["mixed_precision"] = "bf16"
+    run(type(baseline[1]).model_validate(cfg))
+    cfg["train"]["base_dtype"] = "bfloat16"
+    report, states = run(type(baseline[1]).model_validate(cfg))
+    assert states == expect(train=R, sample=R)
+    weights = load_file(report.weights)
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
 # How training runs, not what it learns: nothing re-runs.
 @SD
 @pytest.mark.parametrize("setting,value", [("gradient_checkpointing", True), ("log_every", 1), ("data_cache_mb", 1),

@@ -93,6 +93,29 @@ def test_an_objective_option_the_family_lacks_names_the_field(tmp_path, family, 
     assert not (tmp_path / "store" / "objects").exists()  # refused before any task ran
 
 
+@pytest.mark.parametrize("train,message", [
+    ({"method": "full", "base_dtype": "bfloat16", "mixed_precision": "bf16"}, "train.base_dtype: bfloat16 is for a frozen base"),
+    ({"base_dtype": "bfloat16"}, "train.base_dtype: bfloat16 needs train.mixed_precision: bf16"),
+])
+def test_a_base_dtype_that_cannot_train_names_the_field(tmp_path, train, message):
+    with pytest.raises(ValueError, match=message):
+        small_config(tmp_path / "store", tmp_path / "data", train=train)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_lora_on_a_bfloat16_base_trains_and_samples(tmp_path, family):
+    """The transformer families too: the base loads in bf16 (diffusers' torch_dtype), the LoRA
+    trains in float32 under bf16 autocast, and sampling loads it onto the float32 pipeline."""
+    generate_shapes(tmp_path / "data", variants=1)
+    cfg = small_config(tmp_path / "store", tmp_path / "data", family,
+                       train={"base_dtype": "bfloat16", "mixed_precision": "bf16", "learning_rate": 1e-2})
+    report, states = run(cfg)
+    assert states["train"] == "Completed" and states["sample"] == "Completed"
+    weights = load_file(report.weights)
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    assert any((t != 0).any() for name, t in weights.items() if "lora_B" in name or "lora.up" in name)  # it learned
+
+
 def test_gradient_checkpointing_trains_the_same_weights(tmp_path):
     """Recomputing activations in the backward pass changes memory, not what is learned (so it is in
     no key): a run with it ends with the weights of a run without it."""

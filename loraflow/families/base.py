@@ -78,7 +78,7 @@ class Family:
         return (latents - shift) * vae.config.scaling_factor
 
     # --- training -------------------------------------------------------------------------------
-    def load_denoiser(self, model_dir: str) -> torch.nn.Module:
+    def load_denoiser(self, model_dir: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         raise NotImplementedError
 
     def load_noise_schedule(self, model_dir: str) -> Any:
