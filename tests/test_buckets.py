@@ -54,6 +54,7 @@ def test_a_bucket_step_that_leaves_no_buckets_names_the_field():
     assert plan_buckets(DatasetConfig(resolution=32), default=False, multiple=8) is None  # SD: off by default
 
 
+@pytest.mark.slow
 def test_sdxl_trains_each_bucket_apart_with_real_time_ids(tmp_path, monkeypatch):
     write_pictures(tmp_path / "data")
     cfg = small_config(tmp_path / "store", tmp_path / "data", "sdxl", train={"batch_size": 4, "steps": 12})

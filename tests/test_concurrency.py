@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+\nimport pytest
 
 from loraflow.builtin import builtin_path
 from tests.helpers import computed, finish, kill_while_training, session_env, small_config, start_cli, task_states
@@ -32,6 +33,7 @@ def test_two_runs_started_together_compute_each_stage_once(shapes, tmp_path):
     assert done["captions"] == len(captions)
 
 
+@pytest.mark.slow
 def test_lock_of_a_killed_run_expires(shapes, tmp_path):
     """A run SIGKILLed while training holds the train stage's lock. The next run waits at most
     one lease for it, then trains (resuming from the killed run's checkpoint)."""

@@ -108,6 +108,7 @@ def log_of(cli_output: str) -> str:
     return Path(path).read_text()
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_terminal_stops_the_run_and_its_embedded_server(busy, tmp_path):
     """Ctrl-C signals the terminal's whole process group: with no PREFECT_API_URL, the run's own
     Prefect server must not die first (the run would then retry reporting to it for a minute)."""
@@ -180,7 +181,7 @@ def test_a_signal_that_surfaces_as_another_error_is_still_a_stop(capfd, monkeypa
 
     import loraflow.cli as cli
 
-    def interrupted_cleanup(args, log_file):
+    def interrupted_cleanup(cfg, report_file, log_file):
         try:
             cli._raise_stopped(signal.SIGTERM, None)
         except KeyboardInterrupt:

@@ -86,6 +86,7 @@ def test_runs_on_two_homes_compute_each_stage_once(shapes, tmp_path, redis_db):
     assert no_lock_files(tmp_path) and client.keys("lock:*") == []  # locked in Redis, all released
 
 
+@pytest.mark.slow
 def test_lock_of_a_killed_run_lapses(shapes, tmp_path, redis_db):
     """A run SIGKILLed while training leaves its train lock in Redis. The next run, on another
     home, waits at most one lease for it, then trains, resuming from the killed run's checkpoint."""

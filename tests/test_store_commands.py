@@ -94,6 +94,7 @@ def test_gc_keeps_what_kept_runs_need_and_frees_the_rest(shapes, tmp_path, capsy
     assert command(capsys, "gc", "--store", cfg.store)[0] == 0  # nothing to keep out: still fine
 
 
+@pytest.mark.slow
 def test_gc_during_a_live_run_deletes_nothing_and_the_run_loses_nothing(shapes, tmp_path, capsys):
     cfg = small_config(tmp_path / "store", shapes, train={"steps": 200, "checkpoint_every": 20})
     store = Path(cfg.store)
