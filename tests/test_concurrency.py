@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-\nimport pytest
+
+import pytest
 
 from loraflow.builtin import builtin_path
 from tests.helpers import computed, finish, kill_while_training, session_env, small_config, start_cli, task_states
