@@ -91,8 +91,6 @@ def run(config: ConfigOpt = None, set_: SetOpt = None,
     if not debug:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # import-time notices about optional backends
     cfg = load_config(config, set_)
-    if isinstance(cfg, int):
-        return cfg
     log_file, detach_logging = log_to_file(debug)
     try:
         return run_flow(cfg, report, log_file)
@@ -123,8 +121,6 @@ def plan(config: ConfigOpt = None, set_: SetOpt = None) -> int:
     from loraflow.plan import table
 
     cfg = load_config(config, set_)
-    if isinstance(cfg, int):
-        return cfg
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         print(table(make_plan(cfg)))
@@ -140,8 +136,6 @@ def ls(config: ConfigOpt = None, store: StoreOpt = None) -> int:
     from loraflow.runs import reports
 
     opened = open_store(config, store)
-    if isinstance(opened, int):
-        return opened
     found = reports(opened)
     if not found:
         print(f"no runs recorded in {opened.url}")
@@ -161,8 +155,6 @@ def show(run_id: Annotated[str, typer.Argument(metavar="RUN", help="a flow run i
     from loraflow.runs import UnknownRun, find_report
 
     opened = open_store(config, store)
-    if isinstance(opened, int):
-        return opened
     try:
         report = find_report(opened, run_id)
     except UnknownRun as exc:
@@ -186,8 +178,6 @@ def gc(config: ConfigOpt = None, store: StoreOpt = None,
     from loraflow.live import StoreBusy
 
     opened = open_store(config, store)
-    if isinstance(opened, int):
-        return opened
     try:
         result = collect(opened, keep, dry_run)
     except StoreBusy as exc:
@@ -209,8 +199,6 @@ def export(run_id: Annotated[str, typer.Argument(metavar="RUN", help="a flow run
     from loraflow.runs import UnknownRun, find_report
 
     opened = open_store(config, store)
-    if isinstance(opened, int):
-        return opened
     try:
         data, name = export_weights(opened, find_report(opened, run_id), fmt)
     except (UnknownRun, ExportError) as exc:
@@ -227,8 +215,6 @@ def watch(config: ConfigOpt = None, set_: SetOpt = None) -> int:
     from loraflow.watch import watch as watch_dataset
 
     cfg = load_config(config, set_)
-    if isinstance(cfg, int):
-        return cfg
     try:
         found = watch_dataset(cfg)
     except Exception as exc:
@@ -251,8 +237,6 @@ def show_config(config: ConfigOpt = None, set_: SetOpt = None,
     from loraflow.config import RunConfig
 
     cfg = load_config(config, set_)
-    if isinstance(cfg, int):
-        return cfg
     if fields:
         for name, annotation, default in RunConfig.fields():
             print(f"{name:34} {annotation:40} {default}")
@@ -262,14 +246,15 @@ def show_config(config: ConfigOpt = None, set_: SetOpt = None,
 
 
 def load_config(path: Path | None, overrides: list[str] | None):
-    """The run config (the demo's without a file), with `--set` overrides; or the exit code of a bad one."""
+    """The run config (the demo's without a file), with `--set` overrides; a bad one is said and
+    ends the command with exit code 2."""
     from loraflow.config import RunConfig
 
     try:
         return RunConfig.load(path, overrides or [])
     except Exception as exc:
         say(f"bad config {path or '(the demo)'}: {config_problem(exc)}")
-        return EXIT_CONFIG
+        raise typer.Exit(EXIT_CONFIG) from None
 
 
 def open_store(config: Path | None, url: str | None):
@@ -277,13 +262,11 @@ def open_store(config: Path | None, url: str | None):
     from loraflow.store import Store
 
     cfg = load_config(config, [])
-    if isinstance(cfg, int):
-        return cfg
     try:
         return Store(url or cfg.store, storage_options(cfg.storage_options, cfg.storage_secret))
     except Exception as exc:
         say(one_line(exc))
-        return EXIT_FAILED
+        raise typer.Exit(EXIT_FAILED) from None
 
 
 def run_flow(cfg, report_file: Path | None, log_file: Path) -> int:

@@ -231,19 +231,21 @@ class RunConfig(_Section):
     @classmethod
     def fields(cls, prefix: str = "") -> list[tuple[str, str, Any]]:
         """(dotted name, type, default) of every field, sections expanded."""
-        found = []
-        for name, info in cls.model_fields.items():
-            default = info.get_default(call_default_factory=True)
-            if isinstance(default, BaseModel):
-                found += type(default).fields(f"{prefix}{name}.") if hasattr(type(default), "fields") else [
-                    (f"{prefix}{name}.{n}", _type_name(i.annotation), i.get_default(call_default_factory=True))
-                    for n, i in type(default).model_fields.items()]
-            else:
-                found.append((f"{prefix}{name}", _type_name(info.annotation), default))
-        return found
+        return _fields(cls, prefix)
 
 
 DEMO_PROMPTS = ["a red circle", "a green square", "a blue triangle"]
+
+
+def _fields(model: type[BaseModel], prefix: str) -> list[tuple[str, str, Any]]:
+    found = []
+    for name, info in model.model_fields.items():
+        default = info.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            found += _fields(type(default), f"{prefix}{name}.")
+        else:
+            found.append((f"{prefix}{name}", _type_name(info.annotation), default))
+    return found
 
 
 def _type_name(annotation: Any) -> str:

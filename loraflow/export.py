@@ -44,8 +44,7 @@ def export(store: Store, report: Report, fmt: str) -> tuple[bytes, str]:
     if ref is None:
         raise ExportError(f"{report.weights} is missing or corrupt (deleted by `loraflow gc`?); run the flow again")
     data = store.read(ref)
-    kind = "lora" if report.method == "lora" else "full"
-    name = f"loraflow-{report.family}-{kind}-{report.flow_run_id[:8]}-step{report.final_step}"
+    name = f"loraflow-{report.family}-{report.method}-{report.flow_run_id[:8]}-step{report.final_step}"
     if fmt == "diffusers":
         return data, f"{name}.safetensors"
     if report.method != "lora":

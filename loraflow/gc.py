@@ -117,8 +117,7 @@ def _named_by_record(store: Store, files: dict[str, dict], record: str, manifest
         manifest = None
     if manifest is None:  # unreadable: the next run drops it anyway
         return set()
-    refs = list(manifest.refs())
-    if isinstance(manifest, Weights):  # its final checkpoint: training longer resumes from it
-        final = manifest.final
-        refs.append(final.model_copy(update={"path": final.path.replace("objects/weights/", "objects/checkpoints/", 1)}))
-    return {record} | {p for ref in refs for p in (ref.path, ref.path + ".sha256")}
+    paths = [ref.path for ref in manifest.refs()]
+    if isinstance(manifest, Weights):  # its final checkpoint (same key as its weights): training longer resumes from it
+        paths.append(Store.object_path("checkpoints", manifest.final.key, "safetensors"))
+    return {record} | {p for path in paths for p in (path, path + ".sha256")}

@@ -60,10 +60,10 @@ class TrainJob(BaseModel):
     storage_options: dict[str, Any] = {}
 
 
-Progress = Callable[[int], None]  # called with each step done (the train task's progress artifact)
+OnStep = Callable[[int], None]  # called with each step done (the train task's progress artifact)
 
 
-def train(job: TrainJob, logger: logging.Logger | logging.LoggerAdapter, progress: Progress | None = None) -> Weights:
+def train(job: TrainJob, logger: logging.Logger | logging.LoggerAdapter, progress: OnStep | None = None) -> Weights:
     if job.hp.processes > 1:
         return launch(job, logger, progress)
     with _LOADING:  # accelerate's state is process-wide: one run sets it up at a time
@@ -73,7 +73,7 @@ def train(job: TrainJob, logger: logging.Logger | logging.LoggerAdapter, progres
 
 
 def run(job: TrainJob, accelerator: Accelerator, logger: logging.Logger | logging.LoggerAdapter,
-        progress: Progress | None = None) -> Weights:
+        progress: OnStep | None = None) -> Weights:
     hp, fam, main = job.hp, get_family(job.family), accelerator.is_main_process
     rank, ranks = accelerator.process_index, accelerator.num_processes
     store = Store(job.store_url, job.storage_options)
@@ -284,7 +284,7 @@ def resume(store, run_key, hp, fam, state) -> tuple[int, dict, dict, list]:
 
 # --- data-parallel ranks under accelerate launch --------------------------------------------------
 
-def launch(job: TrainJob, logger: logging.Logger | logging.LoggerAdapter, progress: Progress | None = None) -> Weights:
+def launch(job: TrainJob, logger: logging.Logger | logging.LoggerAdapter, progress: OnStep | None = None) -> Weights:
     """`accelerate launch` of `job.hp.processes` ranks of this module; their log lines are relayed
     to `logger` as they come, and rank 0's result is returned."""
     with tempfile.TemporaryDirectory(prefix="loraflow-train-") as tmp:  # mode 0700: may hold store credentials

@@ -55,12 +55,13 @@ def sample(family: str, denoiser: Component, vae: Component, weights: Weights, p
                 if not ref:
                     todo.setdefault(step, []).append((len(images) - 1, prompt, embedding, index, key))
 
+    made = sum(len(jobs) for jobs in todo.values())
     if todo:
         fam = get_family(family)
         device = pick_device()
         vae_model = fam.load_vae(vae.path, device)
         null_cond = {k: v.to(device) for k, v in store.read_tensors(null.embedding).items()}
-        progress = Progress(logger, "samples", sum(len(jobs) for jobs in todo.values()), " made")
+        progress = Progress(logger, "samples", made, " made")
         for step, jobs in todo.items():
             pipe = fam.pipeline(denoiser.path, fam.load_denoiser(denoiser.path).eval(), vae_model)
             apply_weights(pipe, fam, weights.method, store.read(weights.steps[step]))
@@ -73,7 +74,6 @@ def sample(family: str, denoiser: Component, vae: Component, weights: Weights, p
                 ref = store.put("samples", key, png_bytes(image, prompt, step), "png")
                 images[slot] = SampleImage(prompt=prompt, step=step, index=index, image=ref)
                 progress.advance()
-    made = sum(len(jobs) for jobs in todo.values())
     logger.info("%d image(s) made, %d reused", made, len(images) - made)
     return Samples(images=images, computed=made, reused=len(images) - made)
 
