@@ -24,6 +24,7 @@ from loraflow.builtin import BUILTIN_PREFIX, build_once, cache_root
 from loraflow.config import DatasetConfig, SampleConfig
 from loraflow.digests import digests, remote_stamp
 from loraflow.hashing import sha256_bytes
+from loraflow.listing import ls
 from loraflow.progress import Progress
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -51,8 +52,8 @@ class ImageItem(BaseModel):
 def load_dataset(cfg: DatasetConfig, storage_options: dict[str, Any] | None = None) -> list[ImageItem]:
     """Every image with its caption and sha256, checked before any task runs.
 
-    An image whose listing stamp (size + ETag or mtime) was hashed and checked before is not read
-    again, so re-scanning an unchanged remote dataset costs one listing plus the caption files.
+    An image or caption file whose listing stamp (size + ETag or mtime) was read and checked before
+    is not read again, so re-scanning an unchanged dataset costs one listing.
     """
     source = cfg.source
     if source.startswith(BUILTIN_PREFIX):
@@ -61,7 +62,7 @@ def load_dataset(cfg: DatasetConfig, storage_options: dict[str, Any] | None = No
     try:
         fs, root = url_to_fs(source, **(storage_options or {}))
         fs.invalidate_cache(root)  # a long-lived process must see images added since its last listing
-        listing = {info["name"].rstrip("/").rsplit("/", 1)[-1]: info for info in fs.ls(root, detail=True)}
+        listing = {info["name"].rstrip("/").rsplit("/", 1)[-1]: info for info in ls(fs, root)}
     except FileNotFoundError as exc:
         raise DatasetError(f"dataset.source: {source!r} does not exist") from exc
     except Exception as exc:
@@ -84,8 +85,13 @@ def load_dataset(cfg: DatasetConfig, storage_options: dict[str, Any] | None = No
         for name, txt in txts.items():
             if txt not in listing:
                 raise DatasetError(f"dataset: {base}/{name} has no caption file {txt}")
-        texts = _cat(fs, root, base, list(txts.values()))  # concurrent on object stores
-        captions = {name: _text(texts[txt], f"{base}/{txt}").strip() for name, txt in txts.items()}
+        # A caption file read before, in this version (its stamp), is not read again.
+        stamps = {txt: remote_stamp(f"{base}/{txt}", listing[txt]) for txt in txts.values()}
+        texts = digests().texts(list(stamps.values()))
+        unread = [txt for txt in txts.values() if stamps[txt] not in texts]
+        read = {txt: _text(data, f"{base}/{txt}").strip() for txt, data in _cat(fs, root, base, unread).items()}
+        digests().put_texts([(stamps[txt], text) for txt, text in read.items()])
+        captions = {name: read[txt] if txt in read else texts[stamps[txt]] for name, txt in txts.items()}
 
     stamps = {name: _checked(remote_stamp(f"{base}/{name}", listing[name])) for name in names}
     known = digests().get_many(list(stamps.values()))
@@ -116,6 +122,8 @@ def load_dataset(cfg: DatasetConfig, storage_options: dict[str, Any] | None = No
 def _cat(fs, root: str, base: str, names: list[str]) -> dict[str, bytes]:
     """The bytes of many files in the dataset folder, fetched concurrently where the filesystem
     can, keyed by name; one that cannot be read (dangling or looping symlink, ...) is named."""
+    if not names:
+        return {}
     paths = [f"{root}/{name}" for name in names]
     fetched = fs.cat(paths, on_error="return")
     data = {name: fetched[fs._strip_protocol(path)] for name, path in zip(names, paths)}

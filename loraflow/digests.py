@@ -4,7 +4,7 @@ A stamp names one version of one file without reading it: its URL plus what the 
 about it (size, and an ETag, mtime, ctime or inode). A file whose stamp was seen before is not
 read again: an unchanged multi-GB checkpoint, dataset image or stored latent costs one listing,
 not a download. Any rewrite changes the stamp (S3 gives a new ETag; a local rewrite a new ctime),
-so a changed file is always re-read.
+so a changed file is always re-read. Caption files' text is kept the same way.
 
 The table lives in `LORAFLOW_HOME/digests.sqlite`, shared by concurrent runs on one machine. A
 fresh machine simply has no entries and reads everything once. The store enters every object it
@@ -76,8 +76,12 @@ class Digests:
             # Upright image sizes by image sha256 (aspect-ratio buckets), so an unchanged image is not read.
             self._db.execute("CREATE TABLE IF NOT EXISTS image_sizes "
                              "(sha256 TEXT PRIMARY KEY, height INTEGER NOT NULL, width INTEGER NOT NULL)")
+            # Caption files' text by stamp, so an unchanged caption file is not read again.
+            self._db.execute("CREATE TABLE IF NOT EXISTS texts "
+                             "(stamp TEXT PRIMARY KEY, text TEXT NOT NULL, verified REAL NOT NULL)")
             self._db.execute("DROP TABLE IF EXISTS digests")  # v1: no verification time, cannot be pruned
-            self._db.execute("DELETE FROM digests_v2 WHERE verified < ?", (time.time() - self.KEEP_DAYS * 86400,))
+            for table in ("digests_v2", "texts"):
+                self._db.execute(f"DELETE FROM {table} WHERE verified < ?", (time.time() - self.KEEP_DAYS * 86400,))
 
     def get(self, stamp: str | None) -> str | None:
         return self.get_many([stamp]).get(stamp) if stamp else None
@@ -106,6 +110,14 @@ class Digests:
 
     def put_image_sizes(self, sizes: dict[str, tuple[int, int]]) -> None:
         self._write("INSERT OR REPLACE INTO image_sizes VALUES (?, ?, ?)", [(sha, h, w) for sha, (h, w) in sizes.items()])
+
+    def texts(self, stamps: list[str | None]) -> dict[str, str]:
+        """{stamp: text} for the text files (captions) read before in these versions."""
+        return dict(self._select("SELECT stamp, text FROM texts WHERE stamp", [s for s in dict.fromkeys(stamps) if s]))
+
+    def put_texts(self, pairs: list[tuple[str | None, str]]) -> None:
+        now = time.time()
+        self._write("INSERT OR REPLACE INTO texts VALUES (?, ?, ?)", [(stamp, text, now) for stamp, text in pairs if stamp])
 
     def _select(self, query: str, keys: list[str]) -> list[tuple]:
         """The rows of `query IN (keys)`, in batches of at most BATCH keys."""

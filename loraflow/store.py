@@ -38,6 +38,7 @@ from pydantic import BaseModel, PrivateAttr
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from loraflow import listing
 from loraflow.digests import digests, remote_stamp, version
 from loraflow.hashing import content_key, sha256_bytes
 from loraflow.sealed import seal, sealed_key, unsealed_json
@@ -228,18 +229,19 @@ class Store:
         filesystem gives none)} for every whole object under `objects/<kind>` (checksum file
         present), listed once per run (`_listings`) unless `fresh`. Temporary files of killed
         writes found on the way are swept."""
-        if fresh or kind not in self._listings:
-            self.fs.invalidate_cache(self.abs(f"objects/{kind}"))  # other runs may have written since
-            try:
-                found = self.fs.find(self.abs(f"objects/{kind}"), detail=True)
-            except FileNotFoundError:
-                found = {}
-            self.sweep_partial(found)
-            skip = len(self.fs._strip_protocol(self.root)) + 1
-            files = {self.fs._strip_protocol(path)[skip:]: info for path, info in found.items()}
-            self._listings[kind] = {path: version(info) or "" for path, info in files.items()
-                                    if path + ".sha256" in files}
-        return self._listings[kind]
+        with _kind_lock(self.url, kind):  # the shards in this process's threads list a kind once
+            if fresh or kind not in self._listings:
+                self.fs.invalidate_cache(self.abs(f"objects/{kind}"))  # other runs may have written since
+                try:
+                    found = listing.find(self.fs, self.abs(f"objects/{kind}"))
+                except FileNotFoundError:
+                    found = {}
+                self.sweep_partial(found)
+                skip = len(self.fs._strip_protocol(self.root)) + 1
+                files = {self.fs._strip_protocol(path)[skip:]: info for path, info in found.items()}
+                self._listings[kind] = {path: version(info) or "" for path, info in files.items()
+                                        if path + ".sha256" in files}
+            return self._listings[kind]
 
     @property
     def _listings(self) -> dict[str, dict[str, str]]:
@@ -340,6 +342,12 @@ class Store:
 
 _LISTINGS: dict[tuple[str, str], dict[str, dict[str, str]]] = {}  # (store URL, Store.opened) -> listings
 _LISTINGS_LOCK = threading.Lock()
+_KIND_LOCKS: dict[tuple[str, str], threading.Lock] = {}
+
+
+def _kind_lock(url: str, kind: str) -> threading.Lock:
+    with _LISTINGS_LOCK:
+        return _KIND_LOCKS.setdefault((url, kind), threading.Lock())
 
 
 class StoreRecords(WritableFileSystem):

@@ -47,3 +47,23 @@ def test_crop_coordinates_are_recorded(tmp_path):
     assert cut["crop_top_left"].tolist() == [0, 16]  # resized to 64x32, centre 32 columns
     _, stretched = to_pixels(buffer.getvalue(), 32, center_crop=False)
     assert stretched["crop_top_left"].tolist() == [0, 0]
+
+
+def test_an_unchanged_dataset_is_scanned_without_reading_a_file(tmp_path, monkeypatch):
+    """A second scan reads no image and no caption file it read before; an edited caption is read again."""
+    import loraflow.dataset as dataset
+
+    generate_shapes(tmp_path / "data", variants=1)
+    first = load_dataset(DatasetConfig(source=str(tmp_path / "data")))
+    read: list[str] = []
+    real_cat = dataset._cat
+    monkeypatch.setattr(dataset, "_cat", lambda fs, root, base, names: read.extend(names) or real_cat(fs, root, base, names))
+
+    assert load_dataset(DatasetConfig(source=str(tmp_path / "data"))) == first
+    assert read == []
+
+    edited = tmp_path / "data" / first[0].name.replace(".png", ".txt")
+    edited.write_text("a violet circle, edited\n")
+    again = load_dataset(DatasetConfig(source=str(tmp_path / "data")))
+    assert read == [edited.name]
+    assert again[0].caption == "a violet circle, edited" and again[1:] == first[1:]

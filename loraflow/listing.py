@@ -1,0 +1,57 @@
+"""Folder listings with each file's details, as fsspec's `find(detail=True)` and `ls(detail=True)`
+give them: what `digests.version` reads a file's version from (size, and an ETag or mtime).
+
+On an object store these are fsspec's own listings (one request per 1,000 keys). On a local disk
+fsspec builds each entry through several Python calls (about 0.1 ms a file); walking the folders
+with `os.scandir` gives the same fields, and so the same versions, about ten times faster: at
+100,000 stored latents that is the bulk of a run that finds nothing changed (`bench/scale.py`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from fsspec.implementations.local import LocalFileSystem
+
+
+def find(fs, path: str) -> dict[str, dict[str, Any]]:
+    """{file path: details} for every file under `path` (none if it does not exist)."""
+    if not isinstance(fs, LocalFileSystem):
+        return fs.find(path, detail=True)
+    found, folders = {}, [fs._strip_protocol(path)]
+    while folders:
+        try:
+            with os.scandir(folders.pop()) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.append(entry.path)
+                    else:
+                        found[entry.path] = _details(entry)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # removed while listing (or never there): as fsspec's walk does
+    return found
+
+
+def ls(fs, path: str) -> list[dict[str, Any]]:
+    """The details of every entry in the folder `path`; FileNotFoundError if there is none."""
+    local = fs._strip_protocol(path) if isinstance(fs, LocalFileSystem) else None
+    if local is None or not os.path.isdir(local):
+        return fs.ls(path, detail=True)
+    with os.scandir(local) as entries:
+        return [_details(entry) for entry in entries]
+
+
+def _details(entry: os.DirEntry) -> dict[str, Any]:
+    """The fields of fsspec's local `info` that a version is made of, from the same stat calls."""
+    out = entry.stat(follow_symlinks=False)
+    link = entry.is_symlink()
+    size = out.st_size
+    if link:
+        try:
+            size = entry.stat(follow_symlinks=True).st_size
+        except OSError:
+            size = 0
+    kind = "directory" if entry.is_dir(follow_symlinks=False) else "file" if entry.is_file(follow_symlinks=False) else "other"
+    return {"name": entry.path, "size": size, "type": kind, "created": getattr(out, "st_birthtime", out.st_ctime),
+            "islink": link, "mtime": out.st_mtime, "ino": out.st_ino}
