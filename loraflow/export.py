@@ -9,7 +9,10 @@
   names (Black Forest Labs' checkpoint layout, `FLUX_KOHYA`), whose fused modules (qkv, a single
   block's linear1 = q, k, v and the MLP's input) stack their parts' down matrices over one
   block-diagonal up matrix, as sd-scripts writes them and diffusers' `_convert_kohya_flux_lora_to_diffusers`
-  splits them back. Other families have no kohya layout here: `diffusers` (ComfyUI loads it).
+  splits them back; their parts must share one scale (alpha / rank). ComfyUI and Forge apply every
+  module; diffusers 0.42 reads the blocks back at FLUX.1's widths only (it assumes 3072 for
+  linear1) and drops the modules outside them (`img_in`, `final_layer`, …: `all_linear` LoRAs).
+  Other families have no kohya layout here: `diffusers` (ComfyUI loads it).
 """
 
 from __future__ import annotations
@@ -131,7 +134,8 @@ def flux_to_kohya(data: bytes) -> bytes:
         block = re.search(r"blocks\.(\d+)\.", module)
         template = module.replace(block.group(0), "blocks.{i}.") if block else module
         if template not in FLUX_PART:
-            raise ExportError(f"--format kohya: sd-scripts' Flux LoRA has no module for {module}; use --format diffusers")
+            raise ExportError(f"--format kohya: sd-scripts' Flux LoRA has no module for {module}; "
+                              "use --format diffusers")
         kohya, j = FLUX_PART[template]
         fused.setdefault((kohya, block.group(1) if block else ""), {})[j] = module
     out = {}

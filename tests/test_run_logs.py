@@ -27,7 +27,8 @@ def test_model_build_and_dataset_scan_lines_reach_the_flow_runs_logs(shapes, tmp
     assert any(name == "loraflow.builtin" and m.startswith("building ") and "tiny-sd" in m for name, m in lines)
     assert any(name == "loraflow.builtin" and m.startswith("built tiny-sd") for name, m in lines)
     images = len(list(shapes.glob("*.png")))
-    assert any(name == "loraflow.dataset" and m.endswith(f": {images} new images checked, 0 known") for name, m in lines)
+    scan = f": {images} new images checked, 0 known"
+    assert any(name == "loraflow.dataset" and m.endswith(scan) for name, m in lines)
 
     # Progress lines still come at most every 5 s (the last one closes the loop, whenever it ends).
     fit = sorted(log.timestamp for log in logs if log.message.startswith("fitting the tiny VAE: "))
