@@ -22,6 +22,7 @@ from loraflow.live import live_run
 from loraflow.manifests import Example, Samples, Weights
 from loraflow.models import check_resolution, resolve_model
 from loraflow.remote import storage_options
+from loraflow.run_logs import send_to_runs
 from loraflow.hashing import sha256_bytes
 from loraflow.report import Report, SampleRow, StageRunner
 from loraflow.shards import store_shards
@@ -32,6 +33,7 @@ from tasks import build_latent_cache, encode_prompts, null_embedding, sample, tr
 
 @flow(name="finetune")
 def finetune(cfg: RunConfig = RunConfig()) -> Report:
+    send_to_runs()  # loraflow's own lines (model build, dataset scan) in this run's logs too
     logger = get_run_logger()
     cfg = with_deployment_defaults(cfg)
     inputs = read_inputs(cfg, logger)

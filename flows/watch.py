@@ -8,12 +8,14 @@ from prefect import flow, get_run_logger
 
 from flows.finetune import with_deployment_defaults
 from loraflow.config import RunConfig
+from loraflow.run_logs import send_to_runs
 from loraflow.watch import watch
 
 
 @flow(name="dataset-watch")
 def dataset_watch(cfg: RunConfig = RunConfig()) -> bool:
     """Returns whether the event was emitted."""
+    send_to_runs()  # a built-in dataset's build lines in this run's logs too
     found = watch(with_deployment_defaults(cfg))  # a partial `cfg` keeps the deployment's other fields
     get_run_logger().info("%s: %s (%d files, fingerprint %s)", found.source,
                           "changed: event emitted" if found.emitted else "unchanged", found.files, found.fingerprint[:12])

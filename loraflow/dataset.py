@@ -27,6 +27,7 @@ from loraflow.hashing import sha256_bytes
 from loraflow.listing import ls
 from loraflow.progress import Progress
 
+log = logging.getLogger("loraflow.dataset")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 # How `to_pixels` reads image bytes; part of every image's identity in keys, so raising it (whenever
 # that reading changes) re-encodes every latent. 2: EXIF orientation, 16-bit greys, transparency.
@@ -100,13 +101,14 @@ def load_dataset(cfg: DatasetConfig, storage_options: dict[str, Any] | None = No
     sizes: dict[str, tuple[int, int]] = {}
     if unread:
         data = _cat(fs, root, base, unread)
-        progress = Progress(logging.getLogger("loraflow.dataset"), f"dataset {base}", len(unread), " images checked")
+        progress = Progress(log, f"dataset {base}", len(unread), " images checked")
         for name in unread:
             progress.advance()
             check_image(data[name], f"{base}/{name}")
             shas[name] = sha256_bytes(data[name])
             sizes[shas[name]] = upright_size(data[name])
         digests().put_many([(stamps[name], shas[name]) for name in unread])
+        log.info("dataset %s: %d new images checked, %d known", base, len(unread), len(names) - len(unread))
     known_sizes = digests().image_sizes(sorted({shas[n] for n in names} - set(sizes)))
     unsized = [n for n in names if shas[n] not in sizes and shas[n] not in known_sizes]
     if unsized:  # hashed by a version before sizes were kept

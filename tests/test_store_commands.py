@@ -134,47 +134,161 @@ def test_a_run_waits_for_a_gc_in_progress(shapes, tmp_path):
     assert released and min(written) >= released[0]  # no object written before the gc ended
 
 
-@pytest.mark.parametrize("family,fmt,lr", [("sd", "kohya", 1e-2), ("sdxl", "kohya", 1e-2), ("flux", "diffusers", 1e-1)])
-def test_exported_lora_loads_back_and_gives_the_runs_sample(shapes, tmp_path, capsys, family, fmt, lr):
+@pytest.mark.parametrize("family,fmt,lr,targets", [
+    ("sd", "kohya", 1e-2, "attention"), ("sdxl", "kohya", 1e-2, "attention"),
+    ("flux", "diffusers", 1e-1, "attention"), ("flux", "kohya", 1e-1, "all_linear")])
+def test_exported_lora_loads_back_and_gives_the_runs_sample(shapes, tmp_path, capsys, family, fmt, lr, targets):
     # alpha != rank: the export must carry the trained scale, not diffusers' default alpha = rank.
     # (The tiny Flux needs a larger step before its LoRA moves the 8-bit image at all.)
-    cfg = small_config(tmp_path / "store", shapes, family, train={"rank": 4, "alpha": 2.0, "learning_rate": lr})
+    cfg = small_config(tmp_path / "store", shapes, family,
+                       train={"rank": 4, "alpha": 2.0, "learning_rate": lr, "lora_targets": targets})
     report, _ = run(cfg)
     out = tmp_path / "exported" / "lora.safetensors"
     code, said = command(capsys, "export", report.flow_run_id[:8], "--format", fmt, "--out", str(out), "--store", cfg.store)
     assert code == 0 and out.exists(), said
     from safetensors.torch import load_file
 
-    keys = list(load_file(out))
+    exported = load_file(out)
     if fmt == "kohya":
-        assert all(k.startswith("lora_unet_") for k in keys)
-        assert any(k.endswith(".lora_down.weight") for k in keys) and any(k.endswith(".alpha") for k in keys)
-        assert {float(v) for k, v in load_file(out).items() if k.endswith(".alpha")} == {2.0}
+        assert all(k.startswith("lora_unet_") for k in exported)
+        assert any(k.endswith(".lora_down.weight") for k in exported) and any(k.endswith(".alpha") for k in exported)
+    alphas = {k.removesuffix(".alpha"): float(v) for k, v in exported.items() if k.endswith(".alpha")}
+    if family in ("sd", "sdxl") and fmt == "kohya":
+        assert set(alphas.values()) == {2.0}
+    if family == "flux" and fmt == "kohya":  # sd-scripts' names; fused or not, every module at the trained 2/4
+        assert set(alphas) == {f"lora_unet_{name}" for name in TINY_FLUX_KOHYA}
+        assert {alpha / exported[f"{m}.lora_down.weight"].shape[0] for m, alpha in alphas.items()} == {0.5}
 
-    # Load it as a user would, into the family's pipeline, and sample as the run did.
+    # Sample as the run did, without the LoRA and with it loaded into the family's pipeline as a user would.
     store = Store(cfg.store)
     fam = get_family(family)
     model = resolve_model(cfg.model, {})
     pipe = fam.pipeline(model.denoiser.path, fam.load_denoiser(model.denoiser.path).eval(),
                         fam.load_vae(model.vae.path, torch.device("cpu")))
-    pipe.load_lora_weights(str(out.parent), weight_name=out.name)
     pipe.set_progress_bar_config(disable=True)
     prompts = _manifest(store, report, "encode-prompts[sample prompts]", Embeddings)
     null = _manifest(store, report, "null-embedding", NullEmbedding)
     settings = SamplerSettings(**cfg.sample.model_dump(exclude={"prompts", "prompts_file"}))
     ours = next(s for s in report.sample_images if s.step == cfg.train.steps and s.index == 0)
     cond = store.read_tensors(prompts.items[ours.prompt])
-    image = fam.generate(pipe, cond, store.read_tensors(null.embedding), settings, cfg.dataset.resolution,
-                         torch.Generator().manual_seed(settings.seed))
-    sampled = Image.open(io.BytesIO(Path(ours.url).read_bytes()))
-    diff = np.abs(np.asarray(image, dtype=np.int16) - np.asarray(sampled, dtype=np.int16))
-    assert diff.max() <= 2, diff.max()  # the same image, to 8-bit rounding of float differences
+    sampled = np.asarray(Image.open(io.BytesIO(Path(ours.url).read_bytes())), dtype=np.int16)
 
-    # Without the LoRA the image is another one: the comparison above can fail.
-    pipe.unload_lora_weights()
-    base = fam.generate(pipe, cond, store.read_tensors(null.embedding), settings, cfg.dataset.resolution,
-                        torch.Generator().manual_seed(settings.seed))
-    assert np.abs(np.asarray(base, dtype=np.int16) - np.asarray(sampled, dtype=np.int16)).max() > 2
+    def sample() -> np.ndarray:
+        image = fam.generate(pipe, cond, store.read_tensors(null.embedding), settings, cfg.dataset.resolution,
+                             torch.Generator().manual_seed(settings.seed))
+        return np.asarray(image, dtype=np.int16)
+
+    base = sample()
+    if (family, fmt) == ("flux", "kohya"):
+        # diffusers' kohya Flux reader assumes FLUX.1's widths (3072) for linear1, so on the tiny model
+        # the file is applied as ComfyUI applies it; test_flux_kohya_reads_back_in_diffusers reads it
+        # with diffusers' own converter at FLUX.1's widths.
+        merge_kohya_flux(pipe.transformer, exported)
+    else:
+        pipe.load_lora_weights(str(out.parent), weight_name=out.name)
+    diff = np.abs(sample() - sampled)
+    assert diff.max() <= 2, diff.max()  # the same image, to 8-bit rounding of float differences
+    assert np.abs(base - sampled).max() > 2  # without the LoRA it is another image: the comparison can fail
+
+
+# sd-scripts' Flux LoRA modules of the tiny model (one double-stream block, one single-stream block)
+# and the diffusers weights stacked in each of Black Forest Labs' (fused) weights.
+TINY_FLUX_KOHYA = {
+    "double_blocks_0_img_attn_qkv": ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
+                                     "transformer_blocks.0.attn.to_v"],
+    "double_blocks_0_img_attn_proj": ["transformer_blocks.0.attn.to_out.0"],
+    "double_blocks_0_img_mlp_0": ["transformer_blocks.0.ff.net.0.proj"],
+    "double_blocks_0_img_mlp_2": ["transformer_blocks.0.ff.net.2"],
+    "double_blocks_0_img_mod_lin": ["transformer_blocks.0.norm1.linear"],
+    "double_blocks_0_txt_attn_qkv": ["transformer_blocks.0.attn.add_q_proj", "transformer_blocks.0.attn.add_k_proj",
+                                     "transformer_blocks.0.attn.add_v_proj"],
+    "double_blocks_0_txt_attn_proj": ["transformer_blocks.0.attn.to_add_out"],
+    "double_blocks_0_txt_mlp_0": ["transformer_blocks.0.ff_context.net.0.proj"],
+    "double_blocks_0_txt_mlp_2": ["transformer_blocks.0.ff_context.net.2"],
+    "double_blocks_0_txt_mod_lin": ["transformer_blocks.0.norm1_context.linear"],
+    "single_blocks_0_linear1": ["single_transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.attn.to_k",
+                                "single_transformer_blocks.0.attn.to_v", "single_transformer_blocks.0.proj_mlp"],
+    "single_blocks_0_linear2": ["single_transformer_blocks.0.proj_out"],
+    "single_blocks_0_modulation_lin": ["single_transformer_blocks.0.norm.linear"],
+    "img_in": ["x_embedder"], "txt_in": ["context_embedder"],
+    "time_in_in_layer": ["time_text_embed.timestep_embedder.linear_1"],
+    "time_in_out_layer": ["time_text_embed.timestep_embedder.linear_2"],
+    "vector_in_in_layer": ["time_text_embed.text_embedder.linear_1"],
+    "vector_in_out_layer": ["time_text_embed.text_embedder.linear_2"],
+    "guidance_in_in_layer": ["time_text_embed.guidance_embedder.linear_1"],
+    "guidance_in_out_layer": ["time_text_embed.guidance_embedder.linear_2"],
+    "final_layer_linear": ["proj_out"],
+    "final_layer_adaLN_modulation_1": ["norm_out.linear"],
+}
+
+
+def merge_kohya_flux(transformer: torch.nn.Module, lora: dict[str, torch.Tensor]) -> None:
+    """A kohya Flux LoRA applied as ComfyUI does: BFL's weight += up @ down * alpha / rank, every module."""
+    for name, modules in TINY_FLUX_KOHYA.items():
+        down, up = lora[f"lora_unet_{name}.lora_down.weight"], lora[f"lora_unet_{name}.lora_up.weight"]
+        delta = up @ down * lora[f"lora_unet_{name}.alpha"] / down.shape[0]
+        if name == "final_layer_adaLN_modulation_1":  # BFL's (shift, scale) -> diffusers' (scale, shift)
+            delta = torch.cat(delta.chunk(2)[::-1])
+        weights = [transformer.get_submodule(m).weight for m in modules]
+        with torch.no_grad():
+            for weight, part in zip(weights, delta.split([w.shape[0] for w in weights]), strict=True):
+                weight += part
+
+
+def test_flux_kohya_reads_back_in_diffusers(tmp_path):
+    """At FLUX.1's widths, diffusers' kohya reader splits the fused modules back into the LoRA trained:
+    each module's up @ down * scale is what it was (zeros for proj_mlp, which had no LoRA in block 0)."""
+    from diffusers import FluxPipeline
+
+    from loraflow.export import ExportError, flux_to_kohya
+
+    width, rank = 3072, 4
+    shapes = {"transformer_blocks.0.attn.to_q": (width, width), "transformer_blocks.0.attn.to_k": (width, width),
+              "transformer_blocks.0.attn.to_v": (width, width), "transformer_blocks.0.ff.net.2": (width, 4 * width),
+              "single_transformer_blocks.0.attn.to_q": (width, width),
+              "single_transformer_blocks.0.attn.to_k": (width, width),
+              "single_transformer_blocks.0.attn.to_v": (width, width),
+              "single_transformer_blocks.1.attn.to_q": (width, width),
+              "single_transformer_blocks.1.attn.to_k": (width, width),
+              "single_transformer_blocks.1.attn.to_v": (width, width),
+              "single_transformer_blocks.1.proj_mlp": (4 * width, width),
+              "single_transformer_blocks.1.proj_out": (width, 5 * width)}
+    generator = torch.Generator().manual_seed(0)
+    lora = {}
+    for module, (rows, cols) in shapes.items():
+        lora[f"{module}.lora_A.weight"] = torch.randn(rank, cols, generator=generator)
+        lora[f"{module}.lora_B.weight"] = torch.randn(rows, rank, generator=generator)
+
+    def diffusers_file(alpha_pattern: dict) -> bytes:
+        config = {"r": rank, "lora_alpha": 2.0, "alpha_pattern": alpha_pattern, "target_modules": sorted(shapes)}
+        FluxPipeline.save_lora_weights(tmp_path, transformer_lora_layers=lora, transformer_lora_adapter_metadata=config)
+        return (tmp_path / "pytorch_lora_weights.safetensors").read_bytes()
+
+    kohya = tmp_path / "kohya.safetensors"
+    kohya.write_bytes(flux_to_kohya(diffusers_file({})))
+    from safetensors.torch import load_file
+
+    written = load_file(kohya)
+    assert written["lora_unet_single_blocks_0_linear1.lora_down.weight"].shape == (4 * rank, width)
+    assert written["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (7 * width, 4 * rank)
+    assert float(written["lora_unet_single_blocks_0_linear1.alpha"]) == 2.0 * 4  # scale 2/4 over rank 16
+    assert float(written["lora_unet_double_blocks_0_img_attn_qkv.alpha"]) == 2.0 * 3
+    assert float(written["lora_unet_double_blocks_0_img_mlp_2.alpha"]) == 2.0
+
+    state = FluxPipeline.lora_state_dict(str(kohya))
+    state = state[0] if isinstance(state, tuple) else state
+    for module in [*shapes, "single_transformer_blocks.0.proj_mlp"]:
+        a, b = state[f"transformer.{module}.lora_A.weight"], state[f"transformer.{module}.lora_B.weight"]
+        if module == "single_transformer_blocks.0.proj_mlp":
+            assert a.shape[0] == rank and not (b @ a).any()
+            continue
+        assert a.shape[0] == rank, module  # split back, not one rank-16 LoRA per part
+        expected = lora[f"{module}.lora_B.weight"] @ lora[f"{module}.lora_A.weight"] * 2.0 / rank
+        torch.testing.assert_close(b @ a, expected, rtol=1e-5, atol=1e-4)
+
+    # A fused module's parts must share one scale: one clear error naming them.
+    with pytest.raises(ExportError, match="single_blocks_1_linear1.*proj_mlp.*alpha / rank"):
+        flux_to_kohya(diffusers_file({"single_transformer_blocks.1.proj_mlp": 8.0}))
 
 
 def _manifest(store: Store, report, label: str, manifest_type):
