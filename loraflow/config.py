@@ -111,6 +111,15 @@ class TrainConfig(_Section):
     rank_pattern: dict[str, int] = Field(default_factory=dict)
     alpha_pattern: dict[str, float] = Field(default_factory=dict)
     use_dora: bool = False
+    # The adapter of method: lora, through peft: LoRA, or LyCORIS' LoHa (Hadamard product of two
+    # low-rank pairs) or LoKr (Kronecker product). rank, alpha, lora_targets and the patterns apply
+    # to all three; the options below to LoHa and LoKr only (peft's LoHaConfig / LoKrConfig fields).
+    adapter: Literal["lora", "loha", "lokr"] = "lora"
+    rank_dropout: float = Field(0.0, ge=0, lt=1)  # drop rows of the weight update while training
+    module_dropout: float = Field(0.0, ge=0, lt=1)  # drop a layer's whole update while training
+    use_effective_conv2d: bool = False  # conv layers (lora_targets: conv): a Tucker core per kernel
+    decompose_both: bool = False  # LoKr: the Kronecker product's left factor low-rank too
+    decompose_factor: int = -1  # LoKr: how layer sizes are factored (-1: as near square as can be)
 
     # How training runs, not what it learns: in no key.
     # Recompute activations in the backward pass (less memory, about a third slower).
@@ -124,6 +133,21 @@ class TrainConfig(_Section):
 
     def cache_token(self) -> dict[str, Any]:
         return self.model_dump(exclude=RUNTIME_ONLY)
+
+    @model_validator(mode="after")
+    def _adapter_options_fit(self) -> "TrainConfig":
+        if self.adapter != "lora" and self.use_dora:
+            raise ValueError(f"train.use_dora: DoRA is a LoRA variant; train.adapter: {self.adapter} has none")
+        defaults = TrainConfig.model_fields
+        only = {"rank_dropout": {"loha", "lokr"}, "module_dropout": {"loha", "lokr"},
+                "use_effective_conv2d": {"loha", "lokr"}, "decompose_both": {"lokr"}, "decompose_factor": {"lokr"}}
+        for name, adapters in only.items():
+            if self.adapter not in adapters and getattr(self, name) != defaults[name].default:
+                raise ValueError(f"train.{name} applies to train.adapter: {' or '.join(sorted(adapters))}, "
+                                 f"not {self.adapter}")
+        if self.decompose_factor == 0 or self.decompose_factor < -1:
+            raise ValueError("train.decompose_factor: -1 (as near square as can be) or a factor of at least 1")
+        return self
 
     @model_validator(mode="after")
     def _base_dtype_fits(self) -> "TrainConfig":

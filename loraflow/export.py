@@ -13,6 +13,9 @@
   module; diffusers 0.42 reads the blocks back at FLUX.1's widths only (it assumes 3072 for
   linear1) and drops the modules outside them (`img_in`, `final_layer`, …: `all_linear` LoRAs).
   Other families have no kohya layout here: `diffusers` (ComfyUI loads it).
+  LoHa and LoKr (`train.adapter`): `diffusers` is the stored peft file (state dict, peft config in
+  the header); `kohya` (SD 1.x/2.x, SDXL) is LyCORIS' layout of the same tensors
+  (`lora_unet_….hada_w1_a`, `.lokr_w1`, …, `.alpha`), which ComfyUI, A1111 and Forge load.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from safetensors.torch import save as save_safetensors
 
 from loraflow.report import Report
 from loraflow.store import Store, safetensors_metadata
+from loraflow.weights import peft_file_config
 
 FORMATS = ("kohya", "diffusers")
 
@@ -49,11 +53,18 @@ def export(store: Store, report: Report, fmt: str) -> tuple[bytes, str]:
     if ref is None:
         raise ExportError(f"{report.weights} is missing or corrupt (deleted by `loraflow gc`?); run the flow again")
     data = store.read(ref)
-    name = f"loraflow-{report.family}-{report.method}-{report.flow_run_id[:8]}-step{report.final_step}"
+    adapter = peft_file_config(data)  # LoHa/LoKr; None for LoRA and full fine-tuning weights
+    kind = adapter.peft_type.lower() if adapter else report.method
+    name = f"loraflow-{report.family}-{kind}-{report.flow_run_id[:8]}-step{report.final_step}"
     if fmt == "diffusers":
         return data, f"{name}.safetensors"
     if report.method != "lora":
         raise ExportError("--format kohya: only LoRA weights have a kohya format; use --format diffusers")
+    if adapter:
+        if report.family not in LYCORIS_KOHYA:
+            raise ExportError(f"--format kohya: no kohya layout for {report.family} {kind} weights; use --format "
+                              "diffusers")
+        return lycoris_to_kohya(data, "unet"), f"{name}-kohya.safetensors"
     if report.family not in KOHYA:
         raise ExportError(f"--format kohya: no kohya layout for {report.family}; use --format diffusers "
                           "(ComfyUI loads it)")
@@ -163,6 +174,38 @@ def flux_to_kohya(data: bytes) -> bytes:
     return kohya_file(out, "networks.lora_flux", config)
 
 KOHYA = {"sd": unet_to_kohya, "sdxl": unet_to_kohya, "flux": flux_to_kohya}  # family -> its kohya converter
+LYCORIS_KOHYA = {"sd", "sdxl"}  # families whose LoHa/LoKr export as LyCORIS' kohya keys (Flux's fused ones cannot)
+
+
+def lycoris_to_kohya(data: bytes, prefix: str) -> bytes:
+    """peft LoHa/LoKr bytes -> LyCORIS' kohya-style keys. peft's tensors are LyCORIS' own (same
+    names, shapes and products), so each module's keys are renamed and its alpha added: LyCORIS
+    scales a module's update by alpha / rank as peft does, except a LoKr module with no low-rank
+    factor (`lokr_w1` and `lokr_w2` both whole), which it leaves unscaled; that scale is put into
+    `lokr_w1` instead."""
+    tensors, config = load_safetensors(data), peft_file_config(data)
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        module, param = key.rsplit(".", 1)
+        by_module.setdefault(module, {})[param] = value
+    kohya = {}
+    for module, params in by_module.items():
+        name = "lora_" + prefix + "_" + module.replace(".", "_")
+        alpha = _per_module(config.alpha_pattern, module, config.alpha)
+        if "lokr_w1" in params and "lokr_w2" in params:
+            params["lokr_w1"] = params["lokr_w1"] * (alpha / _per_module(config.rank_pattern, module, config.r))
+        else:
+            kohya[f"{name}.alpha"] = torch.tensor(float(alpha))
+        kohya |= {f"{name}.{param}": value for param, value in params.items()}
+    return save_safetensors({k: v.contiguous() for k, v in sorted(kohya.items())},
+                            metadata={"ss_network_module": "lycoris.kohya", "loraflow_format": "kohya",
+                                      "ss_network_args": json.dumps({"algo": config.peft_type.lower()})})
+
+
+def _per_module(patterns: dict, module: str, default: float) -> float:
+    """A rank or alpha as peft gives `module`: its pattern's value, else the default."""
+    key = get_pattern_key(patterns.keys(), module) if patterns else None
+    return patterns[key] if key in patterns else default
 
 
 def write(data: bytes, out: Path) -> Path:

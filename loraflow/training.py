@@ -8,7 +8,7 @@ batch B train as one process of batch N x B would (to float rounding). The gener
 the same on every rank, and one saved state resumes all of them. Rank 0 alone writes to the store.
 
 Every `checkpoint_every` steps the exported weights (and their EMA) are stored, then a checkpoint
-(optimizer, LR schedule, EMA and generator state, the metrics so far); a run with the same key
+(optimizer, LR schedule, EMA, generator and global torch RNG state, the metrics so far); a run with the same key
 resumes from the latest intact one, bitwise as if it had never stopped.
 """
 
@@ -235,7 +235,8 @@ def save_checkpoint(store, run_key, step, hp, fam, state, rows):
         ema_weights = store.put("weights", content_key("ema", key), export_weights(fam, state.model, hp.method),
                                 "safetensors")
         state.ema.restore(state.params)
-    tensors = {"rng": state.generator.get_state()}
+    # The batch generator's state, and torch's global one (LoHa/LoKr's rank and module dropout draw from it).
+    tensors = {"rng": state.generator.get_state(), "torch_rng": torch.get_rng_state()}
     # The metrics so far, less their wall-clock times: a checkpoint is the same bytes whichever run
     # (killed, resumed or not) reached it. The final metrics object keeps this run's times.
     meta = {"step": str(step), "metrics": json.dumps([{k: v for k, v in r.items() if k != "seconds"} for r in rows])}
@@ -278,6 +279,7 @@ def resume(store, run_key, hp, fam, state) -> tuple[int, dict, dict, list]:
     if state.ema is not None:
         state.ema.to(state.params[0].device)
     state.generator.set_state(tensors["rng"])
+    torch.set_rng_state(tensors["torch_rng"])
     ema_steps = {s: e for s, (_, e) in found.items() if e is not None}
     return step, {s: w for s, (w, _) in found.items()}, ema_steps, json.loads(meta["metrics"])
 

@@ -4,6 +4,7 @@ states back from its API, and looking into stores."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -15,7 +16,10 @@ from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_API_URL
@@ -202,6 +206,37 @@ def row(report: Report, stage: str):
     """The report row of a stage that ran as one task run (one shard)."""
     (match,) = [r for r in report.tasks if stage_of(r.label) == stage]
     return match
+
+
+def stored_manifest(report: Report, label: str, manifest_type):
+    """The manifest a run's task run (by its label) handed downstream, read from its cache record."""
+    from loraflow.store import Store
+    from tasks.caching import read_manifest
+
+    store = Store(report.store)
+    match = next(r for r in report.tasks if r.label == label)
+    manifest, problem = read_manifest(store.fs.cat_file(store.abs(f"records/{match.cache_key}")), manifest_type)
+    assert problem is None
+    return manifest
+
+
+def resample(cfg: RunConfig, report: Report, pipe) -> tuple[np.ndarray, np.ndarray]:
+    """(what `pipe` makes for the run's first final-step sample, from the run's cached embeddings
+    and its sampler settings; that sample as the run stored it), as int16 pixel arrays."""
+    from loraflow.families import get_family
+    from loraflow.manifests import Embeddings, NullEmbedding
+    from loraflow.store import Store
+
+    store = Store(report.store)
+    prompts = stored_manifest(report, "encode-prompts[sample prompts]", Embeddings)
+    null = stored_manifest(report, "null-embedding", NullEmbedding)
+    ours = next(s for s in report.sample_images if s.step == cfg.train.steps and s.index == 0)
+    settings = cfg.sample.sampler()
+    image = get_family(cfg.model.family).generate(
+        pipe, store.read_tensors(prompts.items[ours.prompt]), store.read_tensors(null.embedding), settings,
+        cfg.dataset.resolution, torch.Generator().manual_seed(settings.seed))
+    sampled = Image.open(io.BytesIO(Path(ours.url).read_bytes()))
+    return np.asarray(image, dtype=np.int16), np.asarray(sampled, dtype=np.int16)
 
 
 @contextmanager

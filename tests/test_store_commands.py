@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import threading
 import time
@@ -12,17 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from loraflow import cli
-from loraflow.config import SamplerSettings
 from loraflow.families import get_family
 from loraflow.live import GC_MARKER
-from loraflow.manifests import Embeddings, NullEmbedding
 from loraflow.models import resolve_model
 from loraflow.store import Store
-from tasks.caching import read_manifest
-from tests.helpers import finish, run, session_env, small_config, snapshot, start_cli, task_states
+from tests.helpers import finish, resample, run, session_env, small_config, snapshot, start_cli, task_states
 
 
 def command(capsys, *args: str) -> tuple[int, str]:
@@ -160,25 +155,12 @@ def test_exported_lora_loads_back_and_gives_the_runs_sample(shapes, tmp_path, ca
         assert {alpha / exported[f"{m}.lora_down.weight"].shape[0] for m, alpha in alphas.items()} == {0.5}
 
     # Sample as the run did, without the LoRA and with it loaded into the family's pipeline as a user would.
-    store = Store(cfg.store)
     fam = get_family(family)
     model = resolve_model(cfg.model, {})
     pipe = fam.pipeline(model.denoiser.path, fam.load_denoiser(model.denoiser.path).eval(),
                         fam.load_vae(model.vae.path, torch.device("cpu")))
     pipe.set_progress_bar_config(disable=True)
-    prompts = _manifest(store, report, "encode-prompts[sample prompts]", Embeddings)
-    null = _manifest(store, report, "null-embedding", NullEmbedding)
-    settings = SamplerSettings(**cfg.sample.model_dump(exclude={"prompts", "prompts_file"}))
-    ours = next(s for s in report.sample_images if s.step == cfg.train.steps and s.index == 0)
-    cond = store.read_tensors(prompts.items[ours.prompt])
-    sampled = np.asarray(Image.open(io.BytesIO(Path(ours.url).read_bytes())), dtype=np.int16)
-
-    def sample() -> np.ndarray:
-        image = fam.generate(pipe, cond, store.read_tensors(null.embedding), settings, cfg.dataset.resolution,
-                             torch.Generator().manual_seed(settings.seed))
-        return np.asarray(image, dtype=np.int16)
-
-    base = sample()
+    base, sampled = resample(cfg, report, pipe)
     if (family, fmt) == ("flux", "kohya"):
         # diffusers' kohya Flux reader assumes FLUX.1's widths (3072) for linear1, so on the tiny model
         # the file is applied as ComfyUI applies it; test_flux_kohya_reads_back_in_diffusers reads it
@@ -186,7 +168,7 @@ def test_exported_lora_loads_back_and_gives_the_runs_sample(shapes, tmp_path, ca
         merge_kohya_flux(pipe.transformer, exported)
     else:
         pipe.load_lora_weights(str(out.parent), weight_name=out.name)
-    diff = np.abs(sample() - sampled)
+    diff = np.abs(resample(cfg, report, pipe)[0] - sampled)
     assert diff.max() <= 2, diff.max()  # the same image, to 8-bit rounding of float differences
     assert np.abs(base - sampled).max() > 2  # without the LoRA it is another image: the comparison can fail
 
@@ -289,10 +271,3 @@ def test_flux_kohya_reads_back_in_diffusers(tmp_path):
     # A fused module's parts must share one scale: one clear error naming them.
     with pytest.raises(ExportError, match="single_blocks_1_linear1.*proj_mlp.*alpha / rank"):
         flux_to_kohya(diffusers_file({"single_transformer_blocks.1.proj_mlp": 8.0}))
-
-
-def _manifest(store: Store, report, label: str, manifest_type):
-    row = next(r for r in report.tasks if r.label == label)
-    manifest, problem = read_manifest(store.fs.cat_file(store.abs(f"records/{row.cache_key}")), manifest_type)
-    assert problem is None
-    return manifest

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
-from peft import LoraConfig
+from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import load as load_safetensors
@@ -107,8 +107,9 @@ class Family:
                 users = sorted(f.name for f in _families() if name in f.objective_options)
                 raise ValueError(f"train.{name}: the {self.name} family's objective has no such option "
                                  f"(it applies to {', '.join(users)})")
-        if hp.method == "full" and (hp.lora_targets != "attention" or hp.rank_pattern or hp.alpha_pattern or hp.use_dora):
-            raise ValueError("train.lora_targets, rank_pattern, alpha_pattern and use_dora apply to method: lora")
+        if hp.method == "full" and (hp.lora_targets != "attention" or hp.rank_pattern or hp.alpha_pattern or hp.use_dora
+                                    or hp.adapter != "lora"):
+            raise ValueError("train.lora_targets, rank_pattern, alpha_pattern, use_dora and adapter apply to method: lora")
 
     def lora_target_modules(self, denoiser: torch.nn.Module, preset: str) -> list[str]:
         """peft `target_modules` for a `train.lora_targets` preset."""
@@ -127,10 +128,8 @@ class Family:
         raise ValueError(f"train.lora_targets: unknown preset {preset!r}")
 
     def add_lora(self, denoiser: torch.nn.Module, hp: TrainConfig) -> None:
-        denoiser.add_adapter(LoraConfig(
-            r=hp.rank, lora_alpha=hp.alpha, init_lora_weights="gaussian", use_dora=hp.use_dora,
-            target_modules=self.lora_target_modules(denoiser, hp.lora_targets),
-            rank_pattern=hp.rank_pattern, alpha_pattern=hp.alpha_pattern))
+        """The `train.adapter` (LoRA, LoHa or LoKr) on the denoiser's target layers, through peft."""
+        denoiser.add_adapter(adapter_config(hp, self.lora_target_modules(denoiser, hp.lora_targets)))
 
     def export_lora(self, denoiser: torch.nn.Module) -> bytes:
         """The LoRA as the bytes of the file the family's pipeline `load_lora_weights` reads."""
@@ -161,6 +160,19 @@ class Family:
                  size: int, generator: torch.Generator) -> Image.Image:
         raise NotImplementedError
 
+
+
+def adapter_config(hp: TrainConfig, target_modules: list[str]) -> PeftConfig:
+    """peft's config for `hp.adapter`: rank, alpha, the patterns and targets as one, then each
+    adapter's own options (LoRA with diffusers' trainers' gaussian init; LoHa and LoKr with peft's)."""
+    common = dict(r=hp.rank, target_modules=target_modules, rank_pattern=hp.rank_pattern, alpha_pattern=hp.alpha_pattern)
+    if hp.adapter == "lora":
+        return LoraConfig(lora_alpha=hp.alpha, init_lora_weights="gaussian", use_dora=hp.use_dora, **common)
+    lycoris = dict(alpha=hp.alpha, rank_dropout=hp.rank_dropout, module_dropout=hp.module_dropout,
+                   use_effective_conv2d=hp.use_effective_conv2d, **common)
+    if hp.adapter == "loha":
+        return LoHaConfig(**lycoris)
+    return LoKrConfig(decompose_both=hp.decompose_both, decompose_factor=hp.decompose_factor, **lycoris)
 
 
 # Options of one kind of training objective or another (`Family.objective_options`).
