@@ -38,8 +38,7 @@ def export_weights(family: Family, denoiser: torch.nn.Module, method: str) -> by
     # peft keeps target modules as a set; sorted, the same weights give the same bytes.
     fields = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
     state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(denoiser).items()}
-    # One header field: safetensors writes several in a random order, and the same weights should be the same bytes.
-    return save_safetensors(state, metadata={PEFT_CONFIG: json.dumps(fields, sort_keys=True)})
+    return save_safetensors(state, metadata={"format": "pt", PEFT_CONFIG: json.dumps(fields, sort_keys=True)})
 
 
 def import_weights(family: Family, denoiser: torch.nn.Module, method: str, data: bytes) -> None:

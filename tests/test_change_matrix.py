@@ -243,6 +243,7 @@ TRAINING_OPTIONS = [
     ("lr_scheduler", "cosine"), ("lr_warmup_steps", 0), ("gradient_accumulation_steps", 2), ("max_grad_norm", None),
     ("optimizer", "prodigy"), ("weight_decay", 0.0), ("snr_gamma", 5.0), ("noise_offset", 0.05), ("ema_decay", 0.9),
     ("lora_targets", "attention_mlp"), ("use_dora", True), ("rank_pattern", {"to_q": 2}), ("alpha_pattern", {"to_q": 8.0}),
+    ("adapter", "lokr"), ("adapter", "loha"),
 ]
 
 

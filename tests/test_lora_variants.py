@@ -22,6 +22,7 @@ from loraflow.config import TrainConfig
 from loraflow.dataset import generate_shapes
 from loraflow.export import export, lycoris_to_kohya
 from loraflow.families import get_family
+from loraflow.sealed import KEY_FIELD
 from loraflow.store import Store, safetensors_metadata
 from loraflow.weights import apply_weights, export_weights
 from tests.helpers import FAMILIES, resample, row, run, small_config
@@ -108,10 +109,10 @@ def test_lycoris_adapter_trains_samples_and_loads_back_with_peft(tmp_path, famil
     report, states = run(cfg)
     assert states["train"] == "Completed" and states["sample"] == "Completed"
 
-    # The stored file: safetensors whose header holds peft's config as JSON, and nothing else.
+    # The stored file: safetensors whose header holds peft's config as JSON (and the store's key).
     data = Path(report.weights).read_bytes()
     tensors, header = load_safetensors(data), safetensors_metadata(data)
-    assert list(header) == ["peft_config"]
+    assert set(header) == {"format", "peft_config", KEY_FIELD}
     fields = json.loads(header["peft_config"])
     assert (fields["peft_type"], fields["r"], fields["alpha"]) == (adapter.upper(), 4, 2.0)
     assert tensors and all(k.rsplit(".", 1)[1].startswith(("hada_", "lokr_")) for k in tensors)
