@@ -236,3 +236,8 @@ def test_kohya_export_of_lycoris_weights_gives_peft_updates(family, variant):
         assert any(k.endswith(("hada_t1", "lokr_t2")) for k in kohya)
     if variant == "lokr_decomposed":
         assert any(k.endswith("lokr_w1_b") for k in kohya)
+
+
+def test_an_adapter_on_full_fine_tuning_names_the_field():
+    with pytest.raises(ValueError, match="adapter apply to method: lora"):
+        get_family("sd").check_train(TrainConfig(method="full", adapter="lokr"))
