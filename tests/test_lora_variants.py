@@ -144,7 +144,7 @@ def test_lycoris_adapter_trains_samples_and_loads_back_with_peft(tmp_path, famil
         kohya, _ = export(store, report, "kohya")
         assert all(k.startswith("lora_unet_") for k in load_safetensors(kohya))
     else:
-        with pytest.raises(ValueError, match=f"no kohya converter for flux {adapter} weights; use --format diffusers"):
+        with pytest.raises(ValueError, match=f"no kohya layout for flux {adapter} weights; use --format diffusers"):
             export(store, report, "kohya")
 
 
