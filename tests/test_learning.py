@@ -33,7 +33,11 @@ def chroma(rgb: np.ndarray) -> np.ndarray:
 METHODS = {
     # Seed 1: full fine-tuning at seed 0 sat closest to the bound below.
     "full": {"method": "full", "learning_rate": 1e-3, "seed": 1},
-    "lora": {"method": "lora", "rank": 8, "alpha": 8.0, "learning_rate": 1e-2},  # attention layers only
+    # Attention layers only. Caption dropout trains the unconditional prediction that classifier-free
+    # guidance steers away from: without it a LoRA that moved every output towards a colour makes
+    # guidance push samples away from that colour (over seeds 0-2 one colour per seed came out as its
+    # opposite, ranked 3rd or 4th); with it 3 or 4 of 4 colours were learned at every seed.
+    "lora": {"method": "lora", "rank": 8, "alpha": 8.0, "learning_rate": 1e-2, "caption_dropout": 0.1},
 }
 
 
@@ -66,17 +70,20 @@ def test_samples_take_the_colour_their_prompt_names(tmp_path, method):
     # before sharding; since latents are encoded in a shard's worker thread (last bits differ) two
     # samples of 16 ranked 3rd, never 4th. What misalignment would break is also checked directly:
     # every example's latent was made from that example's image, its embedding from that image's caption.
-    ranks = []
+    ranks: dict[str, list[int]] = {c: [] for c in COLOURS}
     for url in report.samples:
         image = Image.open(url)
         mean = chroma(np.asarray(image.convert("RGB"), dtype=np.float32).reshape(-1, 3).mean(0))
         nearest_first = sorted(COLOURS, key=lambda c: np.linalg.norm(mean - reference[c]))
-        ranks.append(nearest_first.index(image.text["prompt"].split()[1]) + 1)
-    assert len(ranks) == 4 * len(COLOURS)
-    assert max(ranks) <= 3 and np.mean(ranks) <= 1.5, sorted(ranks)
-    # Not asserted: "at least 3 of 4 colours learned" (most of a colour's samples ranked 1st). It held
-    # for some seeds and thread counts and not others (red and yellow swap places through this VAE),
-    # so it would make a flaky test; the mean-rank bound above held in every environment tried.
+        colour = image.text["prompt"].split()[1]
+        ranks[colour].append(nearest_first.index(colour) + 1)
+    every = [r for rs in ranks.values() for r in rs]
+    assert len(every) == 4 * len(COLOURS)
+    assert max(every) <= 3 and np.mean(every) <= 1.5, ranks
+    # A colour is learned when most of its samples are nearest to it: at least 3 of the 4 (red and
+    # yellow lie close through this VAE, so one may swap).
+    learned = [c for c, rs in ranks.items() if sum(r == 1 for r in rs) > len(rs) / 2]
+    assert len(learned) >= 3, ranks
 
     store, model = Store(cfg.store), resolve_model(cfg.model)
     captions = {i.name: i.caption for i in load_dataset(cfg.dataset)}
