@@ -1,7 +1,7 @@
 """Training speed and memory: loraflow's train task against a bare loop on the same cached tensors,
 and against diffusers' example script `train_text_to_image_lora.py` on the same model and images.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/train.py [--steps 60] [--images 32] [--resolution 256]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/train.py [--steps 60] [--images 32] [--resolution 256]
         [--diffusers-script diffusers/examples/text_to_image/train_text_to_image_lora.py]
 
 The model is the tiny SD (UNet, CLIP) with a VAE that downsamples 8x, as real SD VAEs do, so
