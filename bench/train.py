@@ -1,6 +1,8 @@
-"""Training speed and memory: loraflow's train task against a bare loop on the same cached tensors.
+"""Training speed and memory: loraflow's train task against a bare loop on the same cached tensors,
+and against diffusers' example script `train_text_to_image_lora.py` on the same model and images.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/train.py [--steps 60] [--images 32] [--resolution 256]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/train.py [--steps 60] [--images 32] [--resolution 256]
+        [--diffusers-script diffusers/examples/text_to_image/train_text_to_image_lora.py]
 
 The model is the tiny SD (UNet, CLIP) with a VAE that downsamples 8x, as real SD VAEs do, so
 256 px images give 32x32 latents like a real model's. Each measurement runs in a process of its
@@ -9,9 +11,14 @@ own, one after the other (never side by side), and reports:
   steps/s of its train task from the metrics it stores (steps 11..N, after warm-up);
 - bare: the latents and embeddings that run cached, read into memory, then a plain loop (same
   UNet, same peft LoRA config, AdamW, same batch size) timed over the same steps;
+- diffusers (with --diffusers-script): the example script, unmodified, on the same model folder and
+  the same images as an imagefolder with metadata.jsonl (it encodes every batch with the VAE and the
+  text encoder each step: it has no cache), same resolution, batch size, rank and learning rate, no
+  validation, `--report_to tensorboard`, offline; steps/s from the wall times of its logged
+  `train_loss` events (steps 11..N). It needs `datasets` (the `bench` extra) and torchvision's PIL
+  transforms, which `bench/shims/torchvision` provides on that process's PYTHONPATH only (torchvision
+  from PyPI does not import beside this torch);
 - peak RSS (ru_maxrss) of each process.
-Diffusers' `train_text_to_image_lora.py` is not run: it needs torchvision, which does not import
-beside this torch, and `datasets`; see the README's benchmark notes.
 """
 
 from __future__ import annotations
@@ -110,6 +117,29 @@ def run_bare(root: Path, steps: int, resolution: int) -> dict:
     return {"steps_per_s": (steps - WARMUP) / (time.perf_counter() - start)}
 
 
+def run_diffusers(root: Path, steps: int, resolution: int, script: Path) -> dict:
+    """The example script in a process of its own; its peak RSS from wait4, its speed from its events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = root / "diffusers-out"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent / "shims"), HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(root / "hf-datasets"))
+    command = [sys.executable, str(script), "--pretrained_model_name_or_path", str(root / "model"),
+               "--train_data_dir", str(root / "imagefolder"), "--cache_dir", str(root / "hf-datasets"),
+               "--resolution", str(resolution), "--train_batch_size", "4", "--rank", "4",
+               "--learning_rate", "1e-4", "--max_train_steps", str(steps), "--checkpointing_steps", str(10 * steps),
+               "--seed", "0", "--report_to", "tensorboard", "--output_dir", str(out)]
+    with open(root / "diffusers.log", "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
+        _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"diffusers script failed:\n{(root / 'diffusers.log').read_text()[-3000:]}")
+    accumulator = EventAccumulator(str(out / "logs" / "text2image-fine-tune"))  # the script's tracker project
+    accumulator.Reload()
+    wall = {e.step: e.wall_time for e in accumulator.Scalars("train_loss")}
+    return {"steps_per_s": (steps - WARMUP) / (wall[steps] - wall[WARMUP]), "peak_rss_mib": usage.ru_maxrss / 1024}
+
+
 def child(mode: str, root: Path, steps: int, resolution: int) -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", mode, "--root", str(root), "--steps", str(steps),
                           "--resolution", str(resolution)], capture_output=True, text=True, cwd=Path(__file__).parents[1])
@@ -118,11 +148,23 @@ def child(mode: str, root: Path, steps: int, resolution: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def write_imagefolder(data: Path, folder: Path) -> None:
+    """The same images, captioned in a metadata.jsonl (what `datasets`' imagefolder reads)."""
+    folder.mkdir()
+    with open(folder / "metadata.jsonl", "w") as metadata:
+        for image in sorted(data.glob("*.png")):
+            shutil.copy(image, folder / image.name)
+            caption = image.with_suffix(".txt").read_text().strip()
+            metadata.write(json.dumps({"file_name": image.name, "text": caption}) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--diffusers-script", type=Path,
+                        help="diffusers' examples/text_to_image/train_text_to_image_lora.py (see the README)")
     parser.add_argument("--child")
     parser.add_argument("--root")
     args = parser.parse_args()
@@ -144,16 +186,20 @@ def main() -> None:
         colour, shape = list(COLOURS)[i % len(COLOURS)], SHAPES[i % len(SHAPES)]
         draw_shape(colour, shape, i, size=args.resolution).save(root / "data" / f"{i:04d}.png")
         (root / "data" / f"{i:04d}.txt").write_text(f"a {colour} {shape}\n")
-    ours = child("loraflow", root, args.steps, args.resolution)
-    bare = child("bare", root, args.steps, args.resolution)
-    load = os.getloadavg()
+    ours = child("loraflow", root, args.steps, args.resolution) | {"load": os.getloadavg()[0]}
+    bare = child("bare", root, args.steps, args.resolution) | {"load": os.getloadavg()[0]}
+    rows = [("loraflow train task", ours), ("bare loop, same tensors", bare)]
+    if args.diffusers_script:
+        write_imagefolder(root / "data", root / "imagefolder")
+        theirs = run_diffusers(root, args.steps, args.resolution, args.diffusers_script.resolve())
+        rows.append(("diffusers train_text_to_image_lora.py", theirs | {"load": os.getloadavg()[0]}))
     print(f"tiny SD UNet + LoRA r4 (attention), 8x VAE, {args.resolution} px -> "
           f"{args.resolution // 8}x{args.resolution // 8} latents, batch 4, {args.steps} steps "
-          f"(timed {WARMUP + 1}..{args.steps}), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
-          f"load {load[0]:.2f}")
-    print("| loop | steps/s | ratio to bare | peak RSS MiB |\n|---|---|---|---|")
-    for name, r in (("loraflow train task", ours), ("bare loop, same tensors", bare)):
-        print(f"| {name} | {r['steps_per_s']:.2f} | {r['steps_per_s'] / bare['steps_per_s']:.2f} | {r['peak_rss_mib']:.0f} |")
+          f"(timed {WARMUP + 1}..{args.steps}), OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    print("| loop | steps/s | ratio to bare | peak RSS MiB | load (1 min, at its end) |\n|---|---|---|---|---|")
+    for name, r in rows:
+        print(f"| {name} | {r['steps_per_s']:.2f} | {r['steps_per_s'] / bare['steps_per_s']:.2f} "
+              f"| {r['peak_rss_mib']:.0f} | {r['load']:.2f} |")
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -19,6 +19,7 @@ from loraflow.config import RunConfig
 from loraflow.dataset import load_dataset, read_sample_prompts
 from loraflow.families import get_family
 from loraflow.live import live_run
+from loraflow.metrics import import_wandb
 from loraflow.manifests import Example, Samples, Weights
 from loraflow.models import check_resolution, resolve_model
 from loraflow.remote import storage_options
@@ -85,6 +86,8 @@ def read_inputs(cfg: RunConfig, logger) -> Inputs:
     store = Store(cfg.store, options)
     fam = get_family(cfg.model.family)
     fam.check_train(cfg.train)
+    if cfg.train.wandb_project:
+        import_wandb()  # wandb missing: one error naming train.wandb_project, before any task runs
     model = resolve_model(cfg.model, options)
     check_resolution(model, cfg.dataset.resolution)
     buckets = plan_buckets(cfg.dataset, fam.buckets_by_default, fam.resolution_multiple(model.vae.path))

@@ -130,6 +130,10 @@ class TrainConfig(_Section):
     log_every: int = Field(10, ge=1)  # a progress line every this many steps
     # TensorBoard event files; None: $LORAFLOW_HOME/tensorboard/<run>. "" turns them off.
     tensorboard_dir: str | None = None
+    # Weights & Biases project the same per-step scalars also go to (needs wandb: the `wandb` extra);
+    # one W&B run per training run, resumed with it. Mode, key and folder: WANDB_MODE, WANDB_API_KEY,
+    # WANDB_DIR... from the environment.
+    wandb_project: str | None = None
 
     def cache_token(self) -> dict[str, Any]:
         return self.model_dump(exclude=RUNTIME_ONLY)
@@ -160,7 +164,7 @@ class TrainConfig(_Section):
         return self
 
 
-RUNTIME_ONLY = {"gradient_checkpointing", "data_cache_mb", "log_every", "tensorboard_dir"}
+RUNTIME_ONLY = {"gradient_checkpointing", "data_cache_mb", "log_every", "tensorboard_dir", "wandb_project"}
 
 
 class SamplerSettings(_Section):

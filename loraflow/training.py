@@ -39,7 +39,7 @@ from loraflow.config import TrainConfig
 from loraflow.families import _LOADING, get_family
 from loraflow.hashing import content_key
 from loraflow.manifests import Example, NullEmbedding, Weights
-from loraflow.metrics import TrainingLog
+from loraflow.metrics import TrainingLog, start_wandb_run
 from loraflow.models import Component
 from loraflow.optim import flatten, make_ema, make_optimizer, make_schedule, unflatten
 from loraflow.store import ListRef, Store, safetensors_metadata
@@ -111,49 +111,49 @@ def run(job: TrainJob, accelerator: Accelerator, logger: logging.Logger | loggin
     start, steps, ema_steps, rows = resume(store, job.run_key, hp, fam, state)
     if start and main:
         logger.info("resuming from step %d (checkpoint %s)", start, checkpoint_key(job.run_key, start)[:12])
-    log = TrainingLog(logger if main else logging.getLogger("loraflow.rank"),
-                      tensorboard_dir(hp, job.run_key) if main else None, start, hp.steps, hp.log_every, rows,
-                      progress if main else None)
-    # DDP over the ranks, and the forward pass under accelerate's autocast for mixed precision.
-    ddp = accelerator.prepare(model)
+    wandb_run = start_wandb_run(hp.wandb_project, job.run_key, hp.model_dump()) if main and hp.wandb_project else None
+    with TrainingLog(logger if main else logging.getLogger("loraflow.rank"),
+                     tensorboard_dir(hp, job.run_key) if main else None, start, hp.steps, hp.log_every, rows,
+                     progress if main else None, wandb_run) as log:  # closed (the W&B run finished) on any exit
+        # DDP over the ranks, and the forward pass under accelerate's autocast for mixed precision.
+        ddp = accelerator.prepare(model)
 
-    model.train()
-    for step in range(start, hp.steps):
-        # One optimizer step over `gradient_accumulation_steps` batches.
-        losses, images = [], 0
-        for micro in range(hp.gradient_accumulation_steps):
-            x, cond, draws = next_batch(data, buckets, generator, null_cond, hp, fam, schedule, device, rank, ranks)
-            images += len(x["latent"])  # fewer than batch_size from a bucket smaller than it
-            last = micro == hp.gradient_accumulation_steps - 1
-            with nullcontext() if last else accelerator.no_sync(ddp):  # gradients meet once per step
-                loss = fam.training_loss(ddp, schedule, x, cond, draws, hp)
-                accelerator.backward(loss / hp.gradient_accumulation_steps)
-            losses.append(loss.detach())
-        if hp.max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        lr_schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(params)
-        done = step + 1
-        loss = torch.stack(losses).mean()
-        if ranks > 1:
-            loss = accelerator.reduce(loss, "mean")
-            images = int(accelerator.reduce(torch.tensor(images, device=device), "sum").item())
-        log.step(done, loss.item(), lr, grad_norm.item(), images)
-        if done % hp.checkpoint_every == 0 or done == hp.steps:
-            if main:
-                log.flush()
-                steps[done], ema_weights = save_checkpoint(store, job.run_key, done, hp, fam, state, log.rows)
-                if ema_weights:
-                    ema_steps[done] = ema_weights
-                logger.info("step %d/%d: checkpoint stored", done, hp.steps)
-            accelerator.wait_for_everyone()
-    log.close()
+        model.train()
+        for step in range(start, hp.steps):
+            # One optimizer step over `gradient_accumulation_steps` batches.
+            losses, images = [], 0
+            for micro in range(hp.gradient_accumulation_steps):
+                x, cond, draws = next_batch(data, buckets, generator, null_cond, hp, fam, schedule, device, rank, ranks)
+                images += len(x["latent"])  # fewer than batch_size from a bucket smaller than it
+                last = micro == hp.gradient_accumulation_steps - 1
+                with nullcontext() if last else accelerator.no_sync(ddp):  # gradients meet once per step
+                    loss = fam.training_loss(ddp, schedule, x, cond, draws, hp)
+                    accelerator.backward(loss / hp.gradient_accumulation_steps)
+                losses.append(loss.detach())
+            if hp.max_grad_norm is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            lr_schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(params)
+            done = step + 1
+            loss = torch.stack(losses).mean()
+            if ranks > 1:
+                loss = accelerator.reduce(loss, "mean")
+                images = int(accelerator.reduce(torch.tensor(images, device=device), "sum").item())
+            log.step(done, loss.item(), lr, grad_norm.item(), images)
+            if done % hp.checkpoint_every == 0 or done == hp.steps:
+                if main:
+                    log.flush()
+                    steps[done], ema_weights = save_checkpoint(store, job.run_key, done, hp, fam, state, log.rows)
+                    if ema_weights:
+                        ema_steps[done] = ema_weights
+                    logger.info("step %d/%d: checkpoint stored", done, hp.steps)
+                accelerator.wait_for_everyone()
     data.close()
     metrics = store.put_json("metrics", checkpoint_key(job.run_key, hp.steps), log.rows) if main else None
     return Weights(method=hp.method, final_step=hp.steps, steps=steps, ema=ema_steps, metrics=metrics,

@@ -275,7 +275,7 @@ def test_bfloat16_base_changed(baseline, tmp_path):
 # How training runs, not what it learns: nothing re-runs.
 @SD
 @pytest.mark.parametrize("setting,value", [("gradient_checkpointing", True), ("log_every", 1), ("data_cache_mb", 1),
-                                           ("tensorboard_dir", "")])
+                                           ("tensorboard_dir", ""), ("wandb_project", "loraflow-test")])
 def test_training_runtime_option_changed(baseline, tmp_path, setting, value):
     _, cfg = fork(baseline, tmp_path)
     cfg["train"][setting] = value

@@ -5,6 +5,7 @@ options a machine or family cannot honour fail with one error naming the field."
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -168,3 +169,66 @@ def test_a_killed_two_process_run_resumes_bitwise(tmp_path):
     assert reused % 3 == 0 and 0 < reused < 12, "the first run must have been killed mid-training"
     x, y = load_file(resumed["weights"]), load_file(fresh["weights"])
     assert x.keys() == y.keys() and all((x[k] == y[k]).all() for k in x)
+
+
+def test_wandb_offline_run_has_every_steps_scalars(tmp_path, monkeypatch):
+    """`train.wandb_project`: the per-step scalars TensorBoard gets go to a W&B run too (offline
+    here), whose id is the training run's (the TensorBoard folder's name), finished with exit code 0."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wandb").mkdir()
+    generate_shapes(tmp_path / "data", variants=1)
+    cfg = small_config(tmp_path / "store", tmp_path / "data", sample={"prompts": []},
+                       train={"wandb_project": "loraflow-test", "log_every": 3, "tensorboard_dir": str(tmp_path / "tb")})
+    report, states = run(cfg)
+    assert states["train"] == "Completed"
+    rows = json.loads(unsealed_json(open(report.metrics, "rb").read()))
+
+    (run_file,) = (tmp_path / "wandb").glob("wandb/offline-run-*/run-*.wandb")
+    records = read_wandb_records(run_file)
+    (started,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    (tensorboard_run,) = (tmp_path / "tb").iterdir()
+    assert started.project == "loraflow-test" and started.run_id == tensorboard_run.name
+    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+               | {"step": r.history.step.num}
+               for r in records if r.WhichOneof("record_type") == "history"]
+    assert [h["step"] for h in history] == [r["step"] for r in rows] == list(range(1, 7))
+    for name in ("loss", "lr", "grad_norm"):
+        assert [h[f"train/{name}"] for h in history] == pytest.approx([r[name] for r in rows])
+    assert [h["step"] for h in history if "train/steps_per_second" in h] == [3, 6]
+    (exit_record,) = [r.exit for r in records if r.WhichOneof("record_type") == "exit"]
+    assert exit_record.exit_code == 0
+
+
+def read_wandb_records(path):
+    """The protobuf records of a W&B run file (wandb 0.31 reads them in Go only): a 7-byte header,
+    then 32 KiB blocks of chunks (crc32, length, type: full, first, middle, last)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    records, pending, pos, block = [], b"", 7, 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # full, last
+            records.append(wandb_internal_pb2.Record.FromString(pending))
+            pending = b""
+    return records
+
+
+def test_wandb_project_without_wandb_names_the_field(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: `import wandb` raises ImportError
+    generate_shapes(tmp_path / "data", variants=1)
+    cfg = small_config(tmp_path / "store", tmp_path / "data", train={"wandb_project": "loraflow-test"})
+    with pytest.raises(ValueError, match=r"train.wandb_project: .*needs wandb"):
+        run(cfg)
+    assert not (tmp_path / "store" / "objects").exists()  # refused before any task ran
