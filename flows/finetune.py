@@ -17,11 +17,12 @@ from prefect.runtime import deployment, flow_run
 from loraflow.buckets import cut_size, plan_buckets
 from loraflow.config import RunConfig
 from loraflow.dataset import load_dataset, read_sample_prompts
-from loraflow.families import get_family
+from loraflow.families import get_family, pick_device
 from loraflow.live import live_run
 from loraflow.metrics import import_wandb
 from loraflow.manifests import Example, Samples, Weights
 from loraflow.models import check_resolution, resolve_model
+from loraflow.precision import check_precision
 from loraflow.remote import storage_options
 from loraflow.run_logs import send_to_runs
 from loraflow.hashing import sha256_bytes
@@ -88,6 +89,7 @@ def read_inputs(cfg: RunConfig, logger) -> Inputs:
     fam.check_train(cfg.train)
     if cfg.train.wandb_project:
         import_wandb()  # wandb missing: one error naming train.wandb_project, before any task runs
+    check_precision(cfg.train, pick_device())
     model = resolve_model(cfg.model, options)
     check_resolution(model, cfg.dataset.resolution)
     buckets = plan_buckets(cfg.dataset, fam.buckets_by_default, fam.resolution_multiple(model.vae.path))

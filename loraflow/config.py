@@ -70,10 +70,16 @@ class TrainConfig(_Section):
     batch_size: int = Field(4, ge=1)
     checkpoint_every: int = Field(25, ge=1)
     caption_dropout: float = Field(0.0, ge=0, le=1)
-    mixed_precision: Literal["no", "bf16"] = "no"  # accelerate's autocast of the forward pass
-    # The frozen base under a LoRA, loaded in this dtype (half its memory in bfloat16); the LoRA
-    # itself trains in float32. bfloat16 needs mixed_precision: bf16 and method: lora.
-    base_dtype: Literal["float32", "bfloat16"] = "float32"
+    # accelerate's autocast of the forward pass; fp16 (a GPU only) also scales the loss (a GradScaler,
+    # its state in every checkpoint).
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    # The frozen base under a LoRA, loaded in this dtype (half its memory in bfloat16 or float16);
+    # the LoRA itself trains in float32. bfloat16 needs mixed_precision: bf16, float16 fp16.
+    base_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # The frozen base's linear layers quantized as they load (torchao through diffusers' TorchAoConfig:
+    # Int8WeightOnlyConfig or Float8WeightOnlyConfig), a quarter of their float32 memory; the other
+    # layers in base_dtype. method: lora only; needs pip install 'loraflow[quant]'.
+    base_quantization: Literal["int8_weight_only", "float8_weight_only"] | None = None
     # Data-parallel processes (accelerate launch; gloo between CPU processes): each trains on
     # `batch_size` examples of every step's batch of batch_size x processes. In the key: N x B and
     # 1 x N*B learn the same to float rounding, not bitwise.
@@ -154,13 +160,17 @@ class TrainConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _base_dtype_fits(self) -> "TrainConfig":
+    def _base_fits(self) -> "TrainConfig":
         if self.base_dtype != "float32" and self.method != "lora":
             raise ValueError(f"train.base_dtype: {self.base_dtype} is for a frozen base under a LoRA; "
                              f"method: {self.method} trains the base itself (use float32)")
-        if self.base_dtype == "bfloat16" and self.mixed_precision != "bf16":
-            raise ValueError("train.base_dtype: bfloat16 needs train.mixed_precision: bf16 "
-                             "(the forward pass runs under bf16 autocast)")
+        if self.base_quantization and self.method != "lora":
+            raise ValueError(f"train.base_quantization: {self.base_quantization} is for a frozen base under a "
+                             f"LoRA; method: {self.method} trains the base itself (leave it null)")
+        autocast = {"bfloat16": "bf16", "float16": "fp16"}.get(self.base_dtype)
+        if autocast and self.mixed_precision != autocast:
+            raise ValueError(f"train.base_dtype: {self.base_dtype} needs train.mixed_precision: {autocast} "
+                             f"(the forward pass runs under {autocast} autocast)")
         return self
 
 

@@ -42,6 +42,7 @@ from loraflow.manifests import Example, NullEmbedding, Weights
 from loraflow.metrics import TrainingLog, start_wandb_run
 from loraflow.models import Component
 from loraflow.optim import flatten, make_ema, make_optimizer, make_schedule, unflatten
+from loraflow.precision import autocast_quantized, base_load_options, check_precision
 from loraflow.store import ListRef, Store, safetensors_metadata
 from loraflow.training_data import StoreExamples
 from loraflow.weights import export_weights, import_weights
@@ -91,8 +92,11 @@ def run(job: TrainJob, accelerator: Accelerator, logger: logging.Logger | loggin
 
     # Model, optimizer, schedule and EMA, on accelerate's device (a GPU when there is one).
     device = accelerator.device
+    check_precision(hp, device)
     torch.manual_seed(hp.seed)
-    model = fam.load_denoiser(job.denoiser.path, getattr(torch, hp.base_dtype))
+    model = fam.load_denoiser(job.denoiser.path, **base_load_options(hp))  # its dtype, maybe quantized
+    if hp.base_quantization:
+        autocast_quantized(model)
     if hp.method == "lora":
         model.requires_grad_(False)
         fam.add_lora(model, hp)
@@ -106,7 +110,7 @@ def run(job: TrainJob, accelerator: Accelerator, logger: logging.Logger | loggin
     ema = make_ema(hp, params)
     schedule = fam.load_noise_schedule(job.denoiser.path)
     generator = torch.Generator().manual_seed(hp.seed)
-    state = State(model, params, optimizer, lr_schedule, ema, generator)
+    state = State(model, params, optimizer, lr_schedule, ema, generator, accelerator.scaler)
 
     start, steps, ema_steps, rows = resume(store, job.run_key, hp, fam, state)
     if start and main:
@@ -115,8 +119,10 @@ def run(job: TrainJob, accelerator: Accelerator, logger: logging.Logger | loggin
     with TrainingLog(logger if main else logging.getLogger("loraflow.rank"),
                      tensorboard_dir(hp, job.run_key) if main else None, start, hp.steps, hp.log_every, rows,
                      progress if main else None, wandb_run) as log:  # closed (the W&B run finished) on any exit
-        # DDP over the ranks, and the forward pass under accelerate's autocast for mixed precision.
-        ddp = accelerator.prepare(model)
+        # DDP over the ranks, the forward pass under accelerate's autocast for mixed precision, and for
+        # fp16 the loss scaled (`backward`), gradients unscaled before clipping and steps with inf or
+        # NaN gradients skipped (the prepared optimizer). Without fp16 the optimizer steps as it is.
+        ddp, optimizer = accelerator.prepare(model, optimizer)
 
         model.train()
         for step in range(start, hp.steps):
@@ -131,12 +137,14 @@ def run(job: TrainJob, accelerator: Accelerator, logger: logging.Logger | loggin
                     accelerator.backward(loss / hp.gradient_accumulation_steps)
                 losses.append(loss.detach())
             if hp.max_grad_norm is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, hp.max_grad_norm)
+                grad_norm = accelerator.clip_grad_norm_(params, hp.max_grad_norm)
             else:
+                accelerator.unscale_gradients()
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
-            lr_schedule.step()
+            if not optimizer.step_was_skipped:  # as accelerate's prepared schedulers do
+                lr_schedule.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 ema.step(params)
@@ -163,12 +171,14 @@ def run(job: TrainJob, accelerator: Accelerator, logger: logging.Logger | loggin
 class State:
     """Everything a checkpoint saves and a resume restores, besides the step."""
 
-    def __init__(self, model, params, optimizer, lr_schedule, ema, generator):
+    def __init__(self, model, params, optimizer, lr_schedule, ema, generator, grad_scaler=None):
         self.model, self.params, self.optimizer = model, params, optimizer
         self.lr_schedule, self.ema, self.generator = lr_schedule, ema, generator
+        self.grad_scaler = grad_scaler  # fp16's loss scale (None without fp16)
 
     def stateful(self) -> dict:
-        return {"optimizer": self.optimizer, "lr_schedule": self.lr_schedule, "ema": self.ema}
+        return {"optimizer": self.optimizer, "lr_schedule": self.lr_schedule, "ema": self.ema,
+                "grad_scaler": self.grad_scaler}
 
 
 def next_batch(data, buckets, generator, null_cond, hp, fam, schedule, device, rank=0, ranks=1):

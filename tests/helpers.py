@@ -202,6 +202,39 @@ def stored_latents(cfg: RunConfig, with_names: bool = False) -> list[dict]:
     return found
 
 
+def user_pipeline(family: str, cfg: RunConfig):
+    """What a user does: the family's full diffusers pipeline (text encoders included) from the tiny
+    model's folder, and `generate(prompt)`, its image (as int16 pixels) made with the settings
+    loraflow samples with."""
+    import numpy as np
+    import torch
+    from diffusers import DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+
+    from loraflow.builtin import builtin_path
+
+    pipe = DiffusionPipeline.from_pretrained(builtin_path(f"tiny-{family}"))
+    size = cfg.dataset.resolution
+    kwargs = dict(num_inference_steps=cfg.sample.steps, guidance_scale=cfg.sample.guidance_scale, height=size, width=size)
+    if family in ("sd", "sdxl"):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if family == "sdxl":
+        kwargs |= dict(negative_prompt="")  # the null embedding; without it SDXL guides from zeros
+    if family in T5_OR_GEMMA:
+        kwargs |= dict(max_sequence_length=cfg.encoder.max_length)
+    if family == "flux":  # true CFG from the empty prompt; guidance_scale is the embedded guidance
+        kwargs |= dict(negative_prompt="", true_cfg_scale=cfg.sample.guidance_scale,
+                       guidance_scale=cfg.sample.guidance_embedding)
+    if family == "sana":
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        kwargs |= dict(use_resolution_binning=False, complex_human_instruction=None)
+
+    def generate(prompt: str):
+        image = pipe(prompt, generator=torch.Generator().manual_seed(cfg.sample.seed), **kwargs).images[0]
+        return np.asarray(image, dtype=np.int16)
+
+    return pipe, generate
+
+
 def row(report: Report, stage: str):
     """The report row of a stage that ran as one task run (one shard)."""
     (match,) = [r for r in report.tasks if stage_of(r.label) == stage]

@@ -272,6 +272,20 @@ def test_bfloat16_base_changed(baseline, tmp_path):
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
+@SD
+def test_quantized_base_changed(baseline, tmp_path):
+    """`train.base_quantization` re-runs train and sample only; the LoRA trained on the int8 base is
+    stored in float32 and sampled on the plain base."""
+    _, cfg = fork(baseline, tmp_path)
+    cfg["train"]["base_quantization"] = "int8_weight_only"
+    report, states = run(type(baseline[1]).model_validate(cfg))
+    assert states == expect(train=R, sample=R)
+    assert row(report, "train").reused == 0
+    weights = load_file(report.weights)
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
 # How training runs, not what it learns: nothing re-runs.
 @SD
 @pytest.mark.parametrize("setting,value", [("gradient_checkpointing", True), ("log_every", 1), ("data_cache_mb", 1),

@@ -6,14 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
-from diffusers.schedulers import DDIMScheduler
 from PIL import Image
 
-from loraflow.builtin import builtin_path
 from loraflow.dataset import generate_shapes
-from tests.helpers import FAMILIES, run, small_config
+from tests.helpers import FAMILIES, run, small_config, user_pipeline
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -26,29 +22,11 @@ def test_trained_lora_loads_into_diffusers_pipeline(tmp_path, family):
 
     # What a user does: the full pipeline, text encoders included, from the model folder, called
     # with the settings loraflow samples with.
-    pipe = DiffusionPipeline.from_pretrained(builtin_path(f"tiny-{family}"))
-    kwargs = dict(num_inference_steps=cfg.sample.steps, guidance_scale=cfg.sample.guidance_scale, height=32, width=32)
-    if family in ("sd", "sdxl"):
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    if family == "sdxl":
-        kwargs |= dict(negative_prompt="")  # the null embedding; without it SDXL guides from zeros
-    if family in ("sd3", "flux", "sana"):
-        kwargs |= dict(max_sequence_length=16)
-    if family == "flux":  # true CFG from the empty prompt; guidance_scale is the embedded guidance
-        kwargs |= dict(negative_prompt="", true_cfg_scale=cfg.sample.guidance_scale,
-                       guidance_scale=cfg.sample.guidance_embedding)
-    if family == "sana":
-        pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-        kwargs |= dict(use_resolution_binning=False, complex_human_instruction=None)
-
-    def generate() -> np.ndarray:
-        image = pipe(prompt, generator=torch.Generator().manual_seed(cfg.sample.seed), **kwargs).images[0]
-        return np.asarray(image, dtype=np.int16)
-
-    before = generate()
+    pipe, generate = user_pipeline(family, cfg)
+    before = generate(prompt)
     weights = Path(report.weights)
     pipe.load_lora_weights(weights.parent, weight_name=weights.name)
-    after = generate()
+    after = generate(prompt)
     assert np.abs(after - before).max() > 3  # the LoRA changes the output, well beyond rounding (<= 1 below)
 
     # ...into exactly the image loraflow sampled from cached embeddings for the same prompt.

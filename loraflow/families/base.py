@@ -78,7 +78,8 @@ class Family:
         return (latents - shift) * vae.config.scaling_factor
 
     # --- training -------------------------------------------------------------------------------
-    def load_denoiser(self, model_dir: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    def load_denoiser(self, model_dir: str, torch_dtype: torch.dtype = torch.float32, **options: Any) -> torch.nn.Module:
+        """The denoiser, from its `from_pretrained` with these options (e.g. quantization_config)."""
         raise NotImplementedError
 
     def load_noise_schedule(self, model_dir: str) -> Any:

@@ -52,8 +52,8 @@ class Flux(Family):
         # Latents are packed 2x2 into tokens; the pipeline would silently resize anything else.
         return self.vae_scale_factor(model_dir) * 2
 
-    def load_denoiser(self, model_dir, dtype=torch.float32):
-        return FluxTransformer2DModel.from_pretrained(model_dir, subfolder="transformer", torch_dtype=dtype)
+    def load_denoiser(self, model_dir, torch_dtype=torch.float32, **options):
+        return FluxTransformer2DModel.from_pretrained(model_dir, subfolder="transformer", torch_dtype=torch_dtype, **options)
 
     def load_noise_schedule(self, model_dir):
         return FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")

@@ -69,8 +69,8 @@ class Sana(Family):
         with torch.no_grad():
             return vae.encode(pixels.to(vae.device, vae.dtype)).latent.cpu() * vae.config.scaling_factor
 
-    def load_denoiser(self, model_dir, dtype=torch.float32):
-        return SanaTransformer2DModel.from_pretrained(model_dir, subfolder="transformer", torch_dtype=dtype)
+    def load_denoiser(self, model_dir, torch_dtype=torch.float32, **options):
+        return SanaTransformer2DModel.from_pretrained(model_dir, subfolder="transformer", torch_dtype=torch_dtype, **options)
 
     def load_noise_schedule(self, model_dir):
         config = FlowMatchEulerDiscreteScheduler.load_config(model_dir, subfolder="scheduler")

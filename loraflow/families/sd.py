@@ -52,8 +52,8 @@ class StableDiffusion(Family):
         # check_inputs wants height % 8; the VAE needs whole latent pixels (8 for real models too).
         return math.lcm(8, self.vae_scale_factor(model_dir))
 
-    def load_denoiser(self, model_dir, dtype=torch.float32):
-        return UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=dtype)
+    def load_denoiser(self, model_dir, torch_dtype=torch.float32, **options):
+        return UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=torch_dtype, **options)
 
     def load_noise_schedule(self, model_dir):
         return DDPMScheduler.from_pretrained(model_dir, subfolder="scheduler")

@@ -47,8 +47,8 @@ class StableDiffusion3(Family):
         patch = SD3Transformer2DModel.load_config(model_dir, subfolder="transformer")["patch_size"]
         return self.vae_scale_factor(model_dir) * patch
 
-    def load_denoiser(self, model_dir, dtype=torch.float32):
-        return SD3Transformer2DModel.from_pretrained(model_dir, subfolder="transformer", torch_dtype=dtype)
+    def load_denoiser(self, model_dir, torch_dtype=torch.float32, **options):
+        return SD3Transformer2DModel.from_pretrained(model_dir, subfolder="transformer", torch_dtype=torch_dtype, **options)
 
     def load_noise_schedule(self, model_dir):
         return FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
