@@ -1,6 +1,7 @@
 """Memory of the frozen base under a LoRA on a real-size denoiser: float32, bfloat16, and quantized.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/memory.py [--model sdxl|sd3] [--latent 32] [--no-step]
+        [--gradient-checkpointing]
 
 The denoiser is built from its real published config with random weights (no download), saved once
 as a local diffusers folder (bf16 safetensors in 2 GB shards, under --folder), then loaded the way
@@ -28,6 +29,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -66,7 +69,6 @@ CASES = [
 
 def build(model: str, folder: Path) -> None:
     """The real architecture with random weights, saved as bf16 safetensors; scheduler from the tiny model."""
-    import torch
     from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
     from loraflow.builtin import builtin_path
@@ -87,9 +89,8 @@ def build(model: str, folder: Path) -> None:
 
 
 def measure(model: str, folder: Path, base_dtype: str, quantization: str | None, mixed_precision: str,
-            latent: int, step: bool) -> dict:
+            latent: int, step: bool, checkpointing: bool) -> dict:
     """One case, in this process."""
-    import torch
     from accelerate import Accelerator
     from diffusers.training_utils import cast_training_params
 
@@ -103,6 +104,7 @@ def measure(model: str, folder: Path, base_dtype: str, quantization: str | None,
     started = time.perf_counter()
     denoiser = fam.load_denoiser(str(folder), **base_load_options(hp))
     loaded = time.perf_counter() - started
+    touch(denoiser)
     params, quantized = parameter_bytes(denoiser)
     result = {"model": model, "base_dtype": base_dtype, "quantization": quantization, "mixed_precision": mixed_precision,
               "parameters": sum(p.numel() for p in denoiser.parameters()), "param_bytes": params,
@@ -113,6 +115,8 @@ def measure(model: str, folder: Path, base_dtype: str, quantization: str | None,
     denoiser.requires_grad_(False)
     fam.add_lora(denoiser, hp)
     cast_training_params(denoiser, dtype=torch.float32)
+    if checkpointing:
+        denoiser.enable_gradient_checkpointing()
     if quantization:
         autocast_quantized(denoiser)
     params = [p for p in denoiser.parameters() if p.requires_grad]
@@ -137,7 +141,6 @@ def measure(model: str, folder: Path, base_dtype: str, quantization: str | None,
 def example(model: str, denoiser, latent: int):
     """One random latent and caption embedding of the shapes the family caches (77 CLIP tokens; SD3
     also 77 T5 tokens)."""
-    import torch
 
     c = denoiser.config
     if model == "sdxl":
@@ -150,22 +153,35 @@ def example(model: str, denoiser, latent: int):
                    "pooled_prompt_embeds": torch.randn(1, c.pooled_projection_dim)}
 
 
-def parameter_bytes(model) -> tuple[int, int]:
-    """(bytes of every parameter as stored, bytes of those that are torchao tensors)."""
+def stored_tensors(p) -> list:
+    """A parameter's tensors as held in memory: a torchao tensor's data and scales, or itself."""
     try:
         from torchao.utils import TorchAOBaseTensor
     except ImportError:
-        TorchAOBaseTensor = ()
+        return [p]
+    if not isinstance(p, TorchAOBaseTensor):
+        return [p]
+    names = [*p.tensor_data_names, *getattr(p, "optional_tensor_data_names", [])]
+    return [t for t in (getattr(p, n) for n in names) if t is not None]
+
+
+def parameter_bytes(model) -> tuple[int, int]:
+    """(bytes of every parameter as stored, bytes of those that are torchao tensors)."""
     total = quantized = 0
     for p in model.parameters():
-        if isinstance(p, TorchAOBaseTensor):
-            names = [*p.tensor_data_names, *getattr(p, "optional_tensor_data_names", [])]
-            size = sum(t.nbytes for t in (getattr(p, n) for n in names) if t is not None)
-            quantized += size
-        else:
-            size = p.nbytes
+        size = sum(t.nbytes for t in stored_tensors(p))
         total += size
+        quantized += size if stored_tensors(p)[0] is not p else 0
     return total, quantized
+
+
+def touch(model) -> None:
+    """Read every page of every weight once: weights loaded in the file's own dtype are mmap'd and
+    resident only once read (as training reads them), which loading alone does not."""
+    with torch.no_grad():
+        for p in model.parameters():
+            for t in stored_tensors(p):
+                t.detach().reshape(-1).view(torch.uint8)[::4096].sum()
 
 
 def status(field: str) -> int:
@@ -196,12 +212,14 @@ def main() -> None:
     parser.add_argument("--model", choices=list(MODELS), default="sdxl")
     parser.add_argument("--latent", type=int, default=32, help="latent side for the training step (32: 256 px)")
     parser.add_argument("--step", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="train.gradient_checkpointing: true")
     parser.add_argument("--folder", type=Path, default=Path("/tmp/loraflow-bench-memory"))
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case, as JSON
     args = parser.parse_args()
     folder = args.folder / args.model
     if args.case:
-        print(json.dumps(measure(args.model, folder, *json.loads(args.case), args.latent, args.step)))
+        print(json.dumps(measure(args.model, folder, *json.loads(args.case), args.latent, args.step,
+                                 args.gradient_checkpointing)))
         return
 
     print(f"load average before: {os.getloadavg()}", flush=True)
@@ -211,7 +229,8 @@ def main() -> None:
     rows = []
     for case in CASES:
         command = [sys.executable, __file__, "--model", args.model, "--latent", str(args.latent),
-                   "--folder", str(args.folder), "--case", json.dumps(case), "--step" if args.step else "--no-step"]
+                   "--folder", str(args.folder), "--case", json.dumps(case), "--step" if args.step else "--no-step",
+                   *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             print(f"{case}: failed\n{done.stderr[-3000:]}", flush=True)
@@ -220,7 +239,8 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"load average after: {os.getloadavg()}")
-    print(f"\n{args.model}: {rows[0]['parameters']:,} parameters; step on one {args.latent}x{args.latent} latent\n"
+    print(f"\n{args.model}: {rows[0]['parameters']:,} parameters; step on one {args.latent}x{args.latent} latent"
+          f"{', gradient checkpointing' if args.gradient_checkpointing else ''}\n"
           "| base_dtype | base_quantization | mixed_precision | params GiB | load peak GiB | loaded RSS GiB"
           + (" | step peak GiB | step s |" if args.step else " |"))
     print("|---|---|---|---|---|---|" + ("---|---|" if args.step else ""))
