@@ -86,6 +86,7 @@ def test_lora_on_a_quantized_base_trains_and_loads_into_the_pipeline(tmp_path, m
     assert np.abs(after - np.asarray(Image.open(ours), dtype=np.int16)).max() <= 1
 
 
+@pytest.mark.slow  # three runs, about a minute and a half on 2 cores
 def test_a_quantized_run_raised_to_more_steps_resumes_bitwise(tmp_path):
     """Flux's recipe for a large model: int8 linears, the rest in bf16, bf16 autocast. Six steps, then
     nine resume from the sixth and end where nine uninterrupted steps end, bit for bit."""
@@ -152,6 +153,7 @@ def fp16_run(tmp_path, steps: int, store: str):
                                    "lr_warmup_steps": 4}))[0]
 
 
+@pytest.mark.slow  # two to five minutes on 2 cores
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU stand-in for a GPU's fp16")
 def test_fp16_scales_the_loss_skips_overflows_and_resumes_with_its_scale(tmp_path, monkeypatch):
     """The loop's fp16 bookkeeping, through `Float16OnCpu`: the loss is scaled, so the first steps
