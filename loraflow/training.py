@@ -303,6 +303,8 @@ def launch(job: TrainJob, logger: logging.Logger | logging.LoggerAdapter, progre
         job_file, result_file = Path(tmp) / "job.json", Path(tmp) / "result.json"
         job_file.write_text(job.model_dump_json())
         env = dict(os.environ)
+        if not env.get("OMP_NUM_THREADS", "x").strip():
+            del env["OMP_NUM_THREADS"]  # set but empty: accelerate's launcher fails parsing it (int(""))
         if not torch.cuda.is_available():
             env["ACCELERATE_USE_CPU"] = "true"  # gloo between CPU processes
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
