@@ -83,8 +83,7 @@ def read_lora(data: bytes, prefix: str) -> tuple[dict[str, torch.Tensor], dict, 
     for name, down in sorted(tensors.items()):
         if ".lora_A." in name:
             module = name.removeprefix(prefix + ".").rsplit(".lora_A.", 1)[0]
-            key = get_pattern_key(patterns.keys(), module) if patterns else None
-            alphas[module] = float(patterns[key]) if key in patterns else alpha or float(down.shape[0])
+            alphas[module] = float(_per_module(patterns, module, alpha or float(down.shape[0])))
     return tensors, config, alphas
 
 
