@@ -89,8 +89,8 @@ def load_dataset(cfg: DatasetConfig, storage_options: dict[str, Any] | None = No
         # A caption file read before, in this version (its stamp), is not read again.
         stamps = {txt: remote_stamp(f"{base}/{txt}", listing[txt]) for txt in txts.values()}
         texts = digests().texts(list(stamps.values()))
-        unread = [txt for txt in txts.values() if stamps[txt] not in texts]
-        read = {txt: _text(data, f"{base}/{txt}").strip() for txt, data in _cat(fs, root, base, unread).items()}
+        new_txts = [txt for txt in txts.values() if stamps[txt] not in texts]
+        read = {txt: _text(data, f"{base}/{txt}").strip() for txt, data in _cat(fs, root, base, new_txts).items()}
         digests().put_texts([(stamps[txt], text) for txt, text in read.items()])
         captions = {name: read[txt] if txt in read else texts[stamps[txt]] for name, txt in txts.items()}
 
