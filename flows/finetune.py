@@ -43,7 +43,7 @@ def finetune(cfg: RunConfig = RunConfig()) -> Report:
     report = Report(flow_run_id=str(flow_run.get_id()), store=store.url, family=cfg.model.family,
                     method=cfg.train.method, final_step=cfg.train.steps, started=now())
     with live_run(store, report.flow_run_id):  # `loraflow gc` deletes nothing while this runs
-        out = stages(cfg, inputs, StageRunner(store, report))
+        out = stages(cfg, inputs, StageRunner(store, report, tags=cfg.runner.tags))
         finish(report, out, store, logger)
     return report
 

@@ -202,6 +202,9 @@ class RunnerConfig(_Section):
     kind: Literal["threads", "dask"] = "threads"
     workers: int = Field(2, ge=1)  # threads, or local Dask worker processes (one thread each)
     address: str | None = None  # e.g. tcp://scheduler:8786 (kind: dask)
+    # Tag task runs `loraflow` and `stage:<task>`, for Prefect tag concurrency limits. Off by default:
+    # every tagged task run costs an API call (Prefect acquires its tags' slots, limit or not).
+    tags: bool = False
 
 
 class RunConfig(_Section):

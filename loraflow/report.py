@@ -104,21 +104,33 @@ class Report(BaseModel):
         return "\n".join(rows)
 
 
+def stage_tags(name: str) -> set[str]:
+    """The tags of stage `name`'s task runs when `runner.tags` is on: for a tag concurrency limit
+    ("one train at a time") or a UI filter. Off by default: Prefect then makes a concurrency-slot
+    API call (a write transaction on its database) for every task run, even with no limit set."""
+    return {"loraflow", f"stage:{name}"}
+
+
 STOP_WAIT_S = 30  # how long a stopped run waits for each shard still running to end
 
 
 class StageRunner:
     """Runs tasks with their cache records in the store and records a report row per task run."""
 
-    def __init__(self, store: Store, report: Report):
+    def __init__(self, store: Store, report: Report, tags: bool = False):
         self.store = store
         self.report = report
         self.records = store.prefect_result_storage()
+        self.tags = tags  # `runner.tags`: tag each task run by its stage
+
+    def _configured(self, task: Task) -> Task:
+        """`task` with its cache records in the store (and its stage tags, when asked for)."""
+        return task.with_options(result_storage=self.records, **({"tags": stage_tags(task.name)} if self.tags else {}))
 
     def __call__(self, task: Task, **inputs: Any) -> Any:
         """Run `task` here, now, and return its manifest (raising its error if it failed)."""
         started = time.perf_counter()
-        state = task.with_options(result_storage=self.records)(**inputs, return_state=True)
+        state = self._configured(task)(**inputs, return_state=True)
         return self._row(task, inputs, state, time.perf_counter() - started)
 
     def map(self, where: RunnerConfig, *groups: list[tuple[Task, dict[str, Any]]]) -> list[list[Any]]:
@@ -130,7 +142,7 @@ class StageRunner:
 
     def _map(self, runner: TaskRunner, groups) -> list[list[Any]]:
         started = time.perf_counter()
-        submitted = [[(task, inputs, runner.submit(task.with_options(result_storage=self.records), inputs))
+        submitted = [[(task, inputs, runner.submit(self._configured(task), inputs))
                       for task, inputs in group] for group in groups]
         finished = {}
         try:

@@ -1,5 +1,4 @@
-"""What every loraflow task has besides its cache key: tags naming its stage, and retries with
-backoff when the store fails in a way that passes (a dropped connection, a timeout, a throttled
+"""What every loraflow task has besides its cache key: retries with backoff when the store fails in a way that passes (a dropped connection, a timeout, a throttled
 request). Any other error, a bad input or a full disk, fails the task at once with its message."""
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ def retry_if_transient(task, task_run, state) -> bool:
 
 def stage(name: str) -> dict:
     """The `@task` options of stage `name`: `@task(**stage("train"), cache_policy=..., ...)`."""
-    return dict(name=name, tags=["loraflow", f"stage:{name}"], retries=RETRIES,
+    return dict(name=name, retries=RETRIES,
                 retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
                 retry_condition_fn=retry_if_transient)
+

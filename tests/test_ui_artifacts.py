@@ -53,7 +53,7 @@ def png_behind(artifact) -> Image.Image:
 
 def test_a_run_shows_progress_stages_weights_loss_and_samples(shapes, tmp_path):
     cfg = small_config(tmp_path / "store", shapes, train={"steps": 6, "checkpoint_every": 3, "log_every": 1},
-                       sample={"checkpoints": [3]})
+                       sample={"checkpoints": [3]}, runner={"tags": True})
     report, states = run(cfg)
     found = artifacts(report.flow_run_id)
     assert {"loraflow-train-progress", "loraflow-stages", "loraflow-weights", "loraflow-loss-curve",
@@ -81,13 +81,15 @@ def test_a_run_shows_progress_stages_weights_loss_and_samples(shapes, tmp_path):
     cell = grid.crop((0, 0, CELL, CELL)).resize((cfg.dataset.resolution,) * 2, Image.Resampling.NEAREST)
     assert list(cell.getdata()) == list(Image.open(first.url).convert("RGB").getdata())
 
-    # Task runs are tagged by stage (a tag concurrency limit or a UI filter can pick a stage).
+    # With runner.tags, task runs are tagged by stage (a tag concurrency limit or a UI filter can pick a stage).
     for task_run in final_task_runs(report.flow_run_id):
         stage = task_run.name.split("[")[0]
         assert {"loraflow", f"stage:{stage}"} <= set(task_run.tags), task_run.name
 
-    # A second run reuses everything: train is Cached, so no progress artifact; the pictures are redrawn.
-    again, states = run(cfg)
+    # A second run, untagged (the default: no concurrency-slot call per task run), reuses everything:
+    # train is Cached, so no progress artifact; the pictures are redrawn.
+    again, states = run(cfg.model_copy(update={"runner": cfg.runner.model_copy(update={"tags": False})}))
+    assert not any(task_run.tags for task_run in final_task_runs(again.flow_run_id))
     assert states["train"] == "Cached"
     found = artifacts(again.flow_run_id)
     assert "loraflow-train-progress" not in found and "loraflow-loss-curve" in found
