@@ -8,7 +8,9 @@ The model is the tiny SD (UNet, CLIP) with a VAE that downsamples 8x, as real SD
 256 px images give 32x32 latents like a real model's. Each measurement runs in a process of its
 own, one after the other (never side by side), and reports:
 - loraflow: the flow on a local store (latents and caption embeddings cached first, no samples);
-  steps/s of its train task from the metrics it stores (steps 11..N, after warm-up);
+  steps/s of its train task from the metrics it stores (steps 11..N, after warm-up). Twice: reporting
+  to a Prefect server in a process of its own (as a deployment's flow run does), and in Prefect's
+  ephemeral mode, which imports the server's code (FastAPI, SQLAlchemy, ...) into the flow's process;
 - bare: the latents and embeddings that run cached, read into memory, then a plain loop (same
   UNet, same peft LoRA config, AdamW, same batch size) timed over the same steps;
 - diffusers (with --diffusers-script): the example script, unmodified, on the same model folder and
@@ -52,7 +54,7 @@ def build_model(folder: Path) -> None:
                   norm_num_groups=8, sample_size=256).save_pretrained(folder / "vae")
 
 
-def config(root: Path, steps: int, resolution: int):
+def config(root: Path, steps: int, resolution: int, store: str = "store"):
     from loraflow.config import RunConfig
 
     return RunConfig.model_validate({
@@ -61,15 +63,15 @@ def config(root: Path, steps: int, resolution: int):
         "train": {"method": "lora", "steps": steps, "checkpoint_every": steps, "batch_size": 4,
                   "learning_rate": 1e-4, "log_every": 1000},
         "sample": {"prompts": []},
-        "store": str(root / "store"),
+        "store": str(root / store),
     })
 
 
-def run_loraflow(root: Path, steps: int, resolution: int) -> dict:
+def run_loraflow(root: Path, steps: int, resolution: int, store: str = "store") -> dict:
     from flows.finetune import finetune
     from loraflow.sealed import unsealed_json
 
-    report = finetune(config(root, steps, resolution))
+    report = finetune(config(root, steps, resolution, store))
     rows = json.loads(unsealed_json(open(report.metrics, "rb").read()))
     return {"steps_per_s": (steps - WARMUP) / (rows[-1]["seconds"] - rows[WARMUP - 1]["seconds"])}
 
@@ -140,9 +142,12 @@ def run_diffusers(root: Path, steps: int, resolution: int, script: Path) -> dict
     return {"steps_per_s": (steps - WARMUP) / (wall[steps] - wall[WARMUP]), "peak_rss_mib": usage.ru_maxrss / 1024}
 
 
-def child(mode: str, root: Path, steps: int, resolution: int) -> dict:
+def child(mode: str, root: Path, steps: int, resolution: int, env: dict | None = None) -> dict:
+    """Run `mode` in a process of its own (`env`: variables to set, or with None to unset)."""
+    environ = {name: value for name, value in {**os.environ, **(env or {})}.items() if value is not None}
     out = subprocess.run([sys.executable, __file__, "--child", mode, "--root", str(root), "--steps", str(steps),
-                          "--resolution", str(resolution)], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+                          "--resolution", str(resolution)], capture_output=True, text=True, cwd=Path(__file__).parents[1],
+                         env=environ)
     if out.returncode:
         raise SystemExit(f"{mode} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -170,8 +175,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         sys.path.insert(0, str(Path(__file__).parents[1]))
-        fn = {"loraflow": run_loraflow, "bare": run_bare}[args.child]
-        result = fn(Path(args.root), args.steps, args.resolution)
+        runs = {"loraflow": run_loraflow, "bare": run_bare,
+                "loraflow-embedded": lambda *a: run_loraflow(*a, store="store-embedded")}
+        result = runs[args.child](Path(args.root), args.steps, args.resolution)
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
@@ -186,9 +192,20 @@ def main() -> None:
         colour, shape = list(COLOURS)[i % len(COLOURS)], SHAPES[i % len(SHAPES)]
         draw_shape(colour, shape, i, size=args.resolution).save(root / "data" / f"{i:04d}.png")
         (root / "data" / f"{i:04d}.txt").write_text(f"a {colour} {shape}\n")
-    ours = child("loraflow", root, args.steps, args.resolution) | {"load": os.getloadavg()[0]}
+    # As under a deployment, the flow reports to a Prefect server in a process of its own.
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    ours = child("loraflow", root, args.steps, args.resolution, env={"PREFECT_API_URL": server.api_url})
+    ours |= {"load": os.getloadavg()[0]}
+    server.stop()
+    # Without PREFECT_API_URL, Prefect's ephemeral mode imports its server's code into the flow's process.
+    embedded = child("loraflow-embedded", root, args.steps, args.resolution, env={"PREFECT_API_URL": None})
+    embedded |= {"load": os.getloadavg()[0]}
     bare = child("bare", root, args.steps, args.resolution) | {"load": os.getloadavg()[0]}
-    rows = [("loraflow train task", ours), ("bare loop, same tensors", bare)]
+    rows = [("loraflow train task (Prefect server in its own process)", ours),
+            ("loraflow train task (Prefect's ephemeral server)", embedded), ("bare loop, same tensors", bare)]
     if args.diffusers_script:
         write_imagefolder(root / "data", root / "imagefolder")
         theirs = run_diffusers(root, args.steps, args.resolution, args.diffusers_script.resolve())

@@ -26,6 +26,7 @@ from loraflow.precision import check_precision
 from loraflow.remote import storage_options
 from loraflow.run_logs import send_to_runs
 from loraflow.hashing import sha256_bytes
+from loraflow.host_memory import return_freed_memory
 from loraflow.report import Report, SampleRow, StageRunner
 from loraflow.shards import store_shards
 from loraflow.store import Store
@@ -36,6 +37,7 @@ from tasks import build_latent_cache, encode_prompts, null_embedding, sample, tr
 @flow(name="finetune")
 def finetune(cfg: RunConfig = RunConfig()) -> Report:
     send_to_runs()  # loraflow's own lines (model build, dataset scan) in this run's logs too
+    return_freed_memory()  # freed tensors go back to the system, not into the next stage's peak
     logger = get_run_logger()
     cfg = with_deployment_defaults(cfg)
     inputs = read_inputs(cfg, logger)

@@ -11,6 +11,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import threading
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -18,11 +21,11 @@ import numpy as np
 import torch
 from fsspec.core import url_to_fs
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from loraflow.builtin import BUILTIN_PREFIX, build_once, cache_root
 from loraflow.config import DatasetConfig, SampleConfig
-from loraflow.digests import digests, remote_stamp
+from loraflow.digests import digests, remote_stamp, version
 from loraflow.hashing import sha256_bytes
 from loraflow.listing import ls
 from loraflow.progress import Progress
@@ -50,11 +53,15 @@ class ImageItem(BaseModel):
         return f"{self.sha256}:pixels-v{PIXELS_VERSION}"
 
 
+_IMAGES = TypeAdapter(list[ImageItem])
+
+
 def load_dataset(cfg: DatasetConfig, storage_options: dict[str, Any] | None = None) -> list[ImageItem]:
     """Every image with its caption and sha256, checked before any task runs.
 
     An image or caption file whose listing stamp (size + ETag or mtime) was read and checked before
-    is not read again, so re-scanning an unchanged dataset costs one listing.
+    is not read again, and a folder listed exactly as at its last scan (every name and version)
+    gives that scan's images, so re-scanning an unchanged dataset costs one listing.
     """
     source = cfg.source
     if source.startswith(BUILTIN_PREFIX):
@@ -69,6 +76,45 @@ def load_dataset(cfg: DatasetConfig, storage_options: dict[str, Any] | None = No
     except Exception as exc:
         raise DatasetError(f"dataset.source: cannot list {source!r}: {type(exc).__name__}: {exc}") from exc
     root = root.rstrip("/")
+    fingerprint = listing_fingerprint(listing)
+    last_scan = cache_root() / "scans" / f"{sha256_bytes(base.encode())[:32]}-{fingerprint}.json"
+    if fingerprint and last_scan.exists():
+        try:
+            return _IMAGES.validate_json(last_scan.read_bytes())  # listed exactly as at the last scan: its images
+        except (OSError, ValidationError):  # gone meanwhile, or kept by another loraflow version: scan again
+            pass
+    images = _scan(fs, root, source, listing)
+    if fingerprint:
+        keep_scan(last_scan, _IMAGES.dump_json(images))
+    return images
+
+
+def keep_scan(path: Path, images: bytes) -> None:
+    """Keep this scan of a folder (written whole), in place of that folder's earlier one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for earlier in path.parent.glob(path.name.split("-")[0] + "-*"):
+        earlier.unlink(missing_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    partial.write_bytes(images)
+    os.replace(partial, path)
+
+
+def listing_fingerprint(listing: dict[str, dict[str, Any]]) -> str | None:
+    """A hash of a folder listing: every entry's name and version (size + ETag or mtime); None if
+    the filesystem gives some entry no version. Equal fingerprints, equal scans."""
+    lines = [f"scan-v{PIXELS_VERSION}"]
+    for name in sorted(listing):
+        listed = version(listing[name])
+        if listed is None:
+            return None
+        lines.append(f"{name}\t{listed}")
+    return sha256_bytes("\n".join(lines).encode())
+
+
+def _scan(fs, root: str, source: str, listing: dict[str, dict[str, Any]]) -> list[ImageItem]:
+    """Every image of the listing with its caption, sha256 and size: files whose version was read
+    before are not read again; the others are read and checked."""
+    base = source.rstrip("/")
     names = sorted(n for n in listing if n.lower().endswith(IMAGE_EXTENSIONS))
     if not names:
         raise DatasetError(f"dataset.source: no images ({', '.join(IMAGE_EXTENSIONS)}) in {source!r}")

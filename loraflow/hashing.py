@@ -16,6 +16,10 @@ from pydantic import BaseModel
 
 
 def canonical(value: Any) -> Any:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [canonical(v) for v in value]
     if isinstance(value, BaseModel):
         token = getattr(value, "cache_token", None)
         if token:
@@ -23,10 +27,6 @@ def canonical(value: Any) -> Any:
         return {name: canonical(getattr(value, name)) for name in sorted(type(value).model_fields)}
     if isinstance(value, dict):
         return {str(k): canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(value, (list, tuple)):
-        return [canonical(v) for v in value]
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
     raise TypeError(f"cannot content-hash a {type(value).__name__}; pass a small descriptor instead")
 
 

@@ -39,6 +39,7 @@ from loraflow.config import TrainConfig
 from loraflow.families import _LOADING, get_family
 from loraflow.hashing import content_key
 from loraflow.manifests import Example, NullEmbedding, Weights
+from loraflow.host_memory import return_freed_memory
 from loraflow.metrics import TrainingLog, start_wandb_run
 from loraflow.models import Component
 from loraflow.optim import flatten, make_ema, make_optimizer, make_schedule, unflatten
@@ -344,6 +345,7 @@ STEP_LINE = re.compile(r"step (\d+)/\d+")  # a progress or checkpoint line
 
 def main(job_file: str, result_file: str) -> None:
     """One rank: the loop on its share of every batch; rank 0 writes the result."""
+    return_freed_memory()
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter(RELAYED + "%(message)s"))
     logger = logging.getLogger("loraflow.training")

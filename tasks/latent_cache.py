@@ -96,7 +96,9 @@ def build_latent_cache(images: ListRef, family: str, vae: Component, resolution:
     if todo:
         items.update(encode_latents(todo, sizes, family, vae, center_crop, flip, store, batch_size))
     logger.info("%d latent(s) encoded, %d reused", len(todo), len(items) - len(todo))
-    return Latents(items=items, computed=len(todo), reused=len(items) - len(todo))
+    latents = Latents(items=items, computed=len(todo), reused=len(items) - len(todo))
+    store.vouch_for(latents.refs())
+    return latents
 
 
 def encode_latents(todo: list[tuple[ImageItem, str]], sizes: dict[str, Size], family: str, vae: Component,

@@ -49,6 +49,41 @@ def test_crop_coordinates_are_recorded(tmp_path):
     assert stretched["crop_top_left"].tolist() == [0, 0]
 
 
+def test_a_folder_listed_as_at_its_last_scan_is_not_scanned_again(tmp_path, monkeypatch):
+    """Equal listings (every name and version), equal scans: the last scan's images come back
+    without a lookup per file. Any change to the listing (a new file, a touched one) scans again,
+    and a damaged record of the last scan is scanned over, never trusted."""
+    import os
+    import shutil
+
+    import loraflow.dataset as dataset
+    from loraflow.builtin import cache_root
+
+    generate_shapes(tmp_path / "data", variants=1)
+    cfg = DatasetConfig(source=str(tmp_path / "data"))
+    first = load_dataset(cfg)
+    scans: list[int] = []
+    real_scan = dataset._scan
+    monkeypatch.setattr(dataset, "_scan", lambda *args: scans.append(1) or real_scan(*args))
+
+    assert load_dataset(cfg) == first and scans == []
+
+    png = tmp_path / "data" / first[0].name
+    shutil.copy(png, tmp_path / "data" / "zz-copy.png")
+    (tmp_path / "data" / "zz-copy.txt").write_text("a copy\n")
+    added = load_dataset(cfg)
+    assert scans == [1] and added[:-1] == first and (added[-1].name, added[-1].sha256) == ("zz-copy.png", first[0].sha256)
+
+    stat = png.stat()
+    os.utime(png, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # same bytes, another version
+    assert load_dataset(cfg) == added and scans == [1, 1]
+
+    folder = dataset.sha256_bytes(str(tmp_path / "data").encode())[:32]
+    (kept,) = (cache_root() / "scans").glob(f"{folder}-*.json")  # one per folder: the latest
+    kept.write_bytes(b"[{not json")
+    assert load_dataset(cfg) == added and scans == [1, 1, 1]
+
+
 def test_an_unchanged_dataset_is_scanned_without_reading_a_file(tmp_path, monkeypatch):
     """A second scan reads no image and no caption file it read before; an edited caption is read again."""
     import loraflow.dataset as dataset

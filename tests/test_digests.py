@@ -27,6 +27,26 @@ def test_objects_written_here_are_not_read_back(tmp_path, monkeypatch):
     assert reads == [refs[0].path]
 
 
+def test_a_set_found_intact_is_checked_again_with_one_lookup(tmp_path, monkeypatch):
+    """A record's objects, once all found intact, are checked in a later run as one set stamp; an
+    object rewritten since (a new version) breaks the set's stamp and is found bad, alone."""
+    store = Store(str(tmp_path / "store"))
+    refs = [store.put_tensors("latents", f"key{i}", {"x": torch.full((4,), float(i))}) for i in range(5)]
+    assert store.broken(refs) == []
+    looked_up: list[int] = []
+    real_get_many = Digests.get_many
+    monkeypatch.setattr(Digests, "get_many", lambda self, stamps: looked_up.append(len(stamps)) or real_get_many(self, stamps))
+
+    assert Store(str(tmp_path / "store")).broken(refs) == []  # the next run: one stamp, not five
+    assert looked_up == [1]
+
+    (tmp_path / "store" / refs[3].path).write_bytes(b"rewritten")
+    looked_up.clear()
+    assert Store(str(tmp_path / "store")).broken(refs) == [refs[3]]
+    assert looked_up[0] == 1 and 5 in looked_up  # the set's stamp missed: each object's own
+    assert Store(str(tmp_path / "store")).broken(refs[:3]) == []  # a set without it is still fine
+
+
 def test_batches_larger_than_one_query(tmp_path):
     table = Digests(tmp_path / "d.sqlite")
     pairs = [(f"stamp{i}", f"sha{i}") for i in range(1234)]
