@@ -59,8 +59,8 @@ def task_run(images, model, resolution: int, store_url: str) -> int:
 
     store = Store(store_url)
     run = StageRunner(store, Report(flow_run_id="bench", store=store.url))
-    latents = run(build_latent_cache, images=sorted(images, key=lambda i: i.sha256), family="sd", vae=model.vae,
-                  resolution=resolution, center_crop=True, flip=False, store=store)
+    latents = run(build_latent_cache, images=store.put_list(sorted(images, key=lambda i: i.sha256)), family="sd", vae=model.vae,
+                  resolution=resolution, center_crop=True, flip=False, store=store, shard="1/1", buckets=None)
     assert report_state(run) == "Completed" and latents.computed == len(images), "not a cold run"
     return latents.computed
 

@@ -4,10 +4,10 @@
 
 For each size N: generates N distinct 32 px images (up to 1,000 distinct captions), then runs the flow on
 the tiny SD model (one Prefect server for the whole benchmark):
-- cold: build-latent-cache's images/s over the time its shards ran (Prefect's run time of each
-  shard's task run, summed: the shards share the task runner's threads with caption encoding), and
-  a bare loop of batched `vae.encode` on one thread over the same images (read, decode, cut,
-  encode; nothing stored) for comparison;
+- cold, on one worker thread (one shard at a time): build-latent-cache's images/s over the time
+  its shards ran (Prefect's run time of each shard's task run, summed), and a bare loop of batched
+  `vae.encode` on one thread over the same images (read, decode, cut, encode; nothing stored) for
+  comparison;
 - the first re-run after the cold run and a steady re-run, nothing changed, each minus the floor
   (a no-op run of a six-task cached flow on the same server);
 - a re-run after one image was added;
@@ -166,7 +166,10 @@ def main() -> None:
             "store": str(tmp / f"store-{n}"),
         })
         bare = bare_loop(data, batch=8)
-        cold_s, cold = timed(lambda: finetune(cfg))
+        # Cold, one shard at a time (runner.workers is in no key): the latent shards' run time is then
+        # one thread encoding, as in the bare loop, not shared with the captions' shards.
+        one_worker = cfg.model_copy(update={"runner": cfg.runner.model_copy(update={"workers": 1})})
+        cold_s, cold = timed(lambda: finetune(one_worker))
         latents = [r for r in cold.tasks if r.task == "build-latent-cache"]
         first_s, _ = timed(lambda: finetune(cfg))
         steady_s, _ = timed(lambda: finetune(cfg))

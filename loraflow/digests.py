@@ -13,6 +13,7 @@ writes (`Store.put`), so what this machine wrote is known-good without being rea
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import sqlite3
@@ -65,6 +66,9 @@ class Digests:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
+        self._pending: list[tuple[str, str, float]] = []  # rows `put` has not written yet
+        self._pid = os.getpid()  # a forked child has its own table (`digests`), never this connection
+        atexit.register(self.flush)
         self._db = sqlite3.connect(path, timeout=60, check_same_thread=False, isolation_level=None)
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")  # readers never wait for a writer
@@ -92,7 +96,26 @@ class Digests:
         return dict(self._select("SELECT stamp, sha256 FROM digests_v2 WHERE stamp", wanted))
 
     def put(self, stamp: str | None, sha256: str) -> None:
-        self.put_many([(stamp, sha256)])
+        """Remember one (stamp, sha256), with the next ones: rows are written PENDING_MAX at a time,
+        before any lookup, and when the process exits (an object stored just before a crash is read
+        back once, later). A transaction per object cost more than storing a small latent."""
+        if not stamp:
+            return
+        with self._lock:
+            self._pending.append((stamp, sha256, time.time()))
+            if len(self._pending) < PENDING_MAX:
+                return
+        self.flush()
+
+    def flush(self) -> None:
+        if os.getpid() != self._pid:
+            return
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        rows, self._pending = self._pending, []
+        self._write_locked("INSERT OR REPLACE INTO digests_v2 VALUES (?, ?, ?)", rows)
 
     def put_many(self, pairs: list[tuple[str | None, str]]) -> None:
         """Remember many (stamp, sha256) pairs in one transaction."""
@@ -102,6 +125,7 @@ class Digests:
 
     def forget(self, urls: list[str]) -> None:
         """Drop the rows of every version of the files at `urls` (deleted by `loraflow gc`)."""
+        self.flush()
         self._write("DELETE FROM digests_v2 WHERE stamp > ? AND stamp < ?", [(f"{u}|", f"{u}}}") for u in urls])
 
     def image_sizes(self, shas: list[str]) -> dict[str, tuple[int, int]]:
@@ -123,6 +147,8 @@ class Digests:
         """The rows of `query IN (keys)`, in batches of at most BATCH keys."""
         rows: list[tuple] = []
         with self._lock:
+            if os.getpid() == self._pid:
+                self._flush_locked()  # what `put` kept is found too
             for start in range(0, len(keys), BATCH):
                 chunk = keys[start:start + BATCH]
                 rows += self._db.execute(f"{query} IN ({','.join('?' * len(chunk))})", chunk).fetchall()
@@ -130,17 +156,20 @@ class Digests:
 
     def _write(self, statement: str, rows: list[tuple]) -> None:
         """`statement` for every row, in one transaction."""
+        with self._lock:
+            self._write_locked(statement, rows)
+
+    def _write_locked(self, statement: str, rows: list[tuple]) -> None:
         if not rows:
             return
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany(statement, rows)
-                self._db.execute("COMMIT")
-            except BaseException:  # a signal may land anywhere, even after COMMIT
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany(statement, rows)
+            self._db.execute("COMMIT")
+        except BaseException:  # a signal may land anywhere, even after COMMIT
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
 
     def local_file(self, path: Path) -> str:
         """sha256 of a local file, read only if this version of it was never hashed."""
@@ -153,6 +182,7 @@ class Digests:
 
 
 BATCH = 500  # stamps per query: under SQLite's limit on bound parameters
+PENDING_MAX = 256  # rows `put` keeps before writing them in one transaction
 _open: dict[tuple[Path, int], Digests] = {}
 _open_lock = threading.Lock()
 

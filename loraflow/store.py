@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import threading
 import time
 import uuid
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 from fsspec.asyn import AsyncFileSystem
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.filesystems import WritableFileSystem
 from pydantic import BaseModel, PrivateAttr, TypeAdapter
@@ -136,7 +138,7 @@ class Store:
         self.write_atomic(path, data)
         self.write_atomic(path + ".sha256", digest.encode())  # last: marks the object present
         # Known-good from here on: a later check of this version of the file does not read it back.
-        info = self.fs.info(self.abs(path))
+        info = (listing.details_of(self.fs, [self.abs(path)]) or {}).get(self.abs(path)) or self.fs.info(self.abs(path))
         digests().put(remote_stamp(self.url_of(path), info), digest)
         if kind in self._listings:
             self._listings[kind][path] = version(info) or ""
@@ -176,7 +178,7 @@ class Store:
         found = self._intact(kind, wanted, fresh=False)
         missing = {path: None for path in wanted if path not in self._listings[kind]}  # unlisted, not corrupt
         if missing:
-            found.update(self._intact(kind, missing, fresh=True))
+            found.update(self._intact_since(kind, missing))
         return {ref.key: ref for ref in found.values()}
 
     def broken(self, refs: list[ObjectRef]) -> list[ObjectRef]:
@@ -201,7 +203,7 @@ class Store:
             intact = self._intact(kind, wanted, fresh=False)
             missing = {path: sha for path, sha in wanted.items() if path not in self._listings[kind]}
             if missing:
-                intact.update(self._intact(kind, missing, fresh=True))
+                intact.update(self._intact_since(kind, missing))
             bad += [ref for ref in refs if ref.path in wanted and ref.path not in intact]
             if whole and len(intact) == len(wanted):
                 digests().put(whole, whole.rsplit(":", 1)[-1])
@@ -251,6 +253,20 @@ class Store:
                 intact.pop(path, None)
         digests().put_many(verified)
         return intact
+
+    def _intact_since(self, kind: str, missing: dict[str, str | None]) -> dict[str, ObjectRef]:
+        """`_intact` for paths the kind's listing lacks, which another run may have stored since it
+        was taken: on a local disk each is looked at (object and checksum file, added to the
+        listing when both are there); elsewhere the kind is listed anew."""
+        paths = [self.abs(path) for path in missing] + [self.abs(path + ".sha256") for path in missing]
+        found = listing.details_of(self.fs, paths)
+        if found is None:
+            return self._intact(kind, missing, fresh=True)
+        listed = self._listings[kind]
+        for path in missing:
+            if self.abs(path) in found and self.abs(path + ".sha256") in found:
+                listed[path] = version(found[self.abs(path)]) or ""
+        return self._intact(kind, missing, fresh=False)
 
     def _listing(self, kind: str, fresh: bool) -> dict[str, str]:
         """{object path: its version (size + ETag or mtime, see `digests.version`; "" where the
@@ -318,9 +334,15 @@ class Store:
         final = self.abs(rel)
         tmp = f"{final}{PARTIAL}{uuid.uuid4().hex[:12]}"
         try:
-            self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-            self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, final)
+            if isinstance(self.fs, LocalFileSystem):  # the same steps as fsspec's, without its layers
+                os.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+                with open(tmp, "wb") as out:
+                    out.write(data)
+                os.replace(tmp, final)
+            else:
+                self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+                self.fs.pipe_file(tmp, data)
+                self.fs.mv(tmp, final)
         except BaseException as exc:
             try:
                 self.fs.rm_file(tmp)

@@ -14,6 +14,8 @@ os.environ["HF_HOME"] = str(_HOME / "hf")
 os.environ.setdefault("LORAFLOW_HOME", str(_HOME / "loraflow"))
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two test processes on two cores: one torch thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
