@@ -18,8 +18,10 @@ def rss_mib():
 block = torch.ones(16 << 20, dtype=torch.uint8)
 del block  # a mapped block freed: glibc raises its mmap threshold past it
 before = rss_mib()
-blocks = [torch.ones(1 << 20) for _ in range(100)]  # 100 x 4 MiB, as a forward pass's activations
-survivor = torch.ones(16)  # allocated after them: the heap cannot shrink past it
+blocks, survivors = [], []
+for _ in range(100):
+    blocks.append(torch.ones(1 << 20))  # 4 MiB, as a forward pass's activations
+    survivors.append(torch.ones(16 << 10))  # 64 KiB after each: the heap cannot shrink past them
 del blocks
 print(rss_mib() - before)
 """
