@@ -29,7 +29,7 @@ from loraflow.hashing import sha256_bytes
 from loraflow.host_memory import return_freed_memory
 from loraflow.report import Report, SampleRow, StageRunner
 from loraflow.shards import store_shards
-from loraflow.store import Store
+from loraflow.store import ListRef, Store
 from loraflow.ui import publish
 from tasks import build_latent_cache, encode_prompts, null_embedding, sample, train
 
@@ -124,13 +124,9 @@ def stages(cfg: RunConfig, inputs: Inputs, run: StageRunner) -> Outputs:
                if inputs.sample_prompts else None)
     null = run(null_embedding, **text) if inputs.sample_prompts or cfg.train.caption_dropout > 0 else None
 
-    captions = {prompt: ref for part in caption_parts for prompt, ref in part.items.items()}
-    latents = {sha: ref for part in latent_parts for sha, ref in part.items.items()}
-    res = cfg.dataset.resolution
-    examples = sorted((Example(image=i.name, latent=latents[i.sha256], caption=captions[i.caption],
-                               size=cut_size(i.height, i.width, res, inputs.buckets)) for i in images),
-                      key=lambda e: (e.latent.key, e.caption.key))  # by content, not name
-    weights = run(train, family=model.family, denoiser=model.denoiser, examples=store.put_list(examples),
+    examples = store_examples(store, images, caption_parts, latent_parts, cfg.dataset.resolution, inputs.buckets)
+    del caption_parts, latent_parts  # 100k images: hundreds of MB the train stage would otherwise run beside
+    weights = run(train, family=model.family, denoiser=model.denoiser, examples=examples,
                   null=null if cfg.train.caption_dropout > 0 else None, hp=cfg.train, store=store)
     samples = None
     if prompts:
@@ -138,6 +134,18 @@ def stages(cfg: RunConfig, inputs: Inputs, run: StageRunner) -> Outputs:
                       prompts=prompts, null=null, settings=cfg.sample.sampler(),
                       resolution=cfg.dataset.resolution, store=store)
     return Outputs(weights, samples)
+
+
+def store_examples(store: Store, images: list, caption_parts: list, latent_parts: list, resolution: int,
+                   buckets: list | None) -> ListRef:
+    """The training examples, one per image, joined by content (its latent, its caption's
+    embedding), in content order (not by name), stored as one list."""
+    captions = {prompt: ref for part in caption_parts for prompt, ref in part.items.items()}
+    latents = {sha: ref for part in latent_parts for sha, ref in part.items.items()}
+    examples = sorted((Example(image=i.name, latent=latents[i.sha256], caption=captions[i.caption],
+                               size=cut_size(i.height, i.width, resolution, buckets)) for i in images),
+                      key=lambda e: (e.latent.key, e.caption.key))
+    return store.put_list(examples)
 
 
 def now() -> str:

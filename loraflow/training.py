@@ -44,7 +44,7 @@ from loraflow.metrics import TrainingLog, start_wandb_run
 from loraflow.models import Component
 from loraflow.optim import flatten, make_ema, make_optimizer, make_schedule, unflatten
 from loraflow.precision import autocast_quantized, base_load_options, check_precision
-from loraflow.store import ListRef, Store, safetensors_metadata
+from loraflow.store import ListRef, ObjectRef, Store, safetensors_metadata
 from loraflow.training_data import StoreExamples
 from loraflow.weights import export_weights, import_weights
 
@@ -82,6 +82,9 @@ def run(job: TrainJob, accelerator: Accelerator, logger: logging.Logger | loggin
 
     # Data: everything comes from the store by the refs upstream handed us, read as steps need it.
     listed = store.read_list(job.examples, Example)
+    shared: dict[str, ObjectRef] = {}  # one ref per distinct caption embedding, not one per image
+    for example in listed:
+        example.caption = shared.setdefault(example.caption.key, example.caption)
     data = StoreExamples(store, listed, budget_bytes=hp.data_cache_mb * 2**20)
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, e in enumerate(listed):
