@@ -125,7 +125,7 @@ def stages(cfg: RunConfig, inputs: Inputs, run: StageRunner) -> Outputs:
     null = run(null_embedding, **text) if inputs.sample_prompts or cfg.train.caption_dropout > 0 else None
 
     examples = store_examples(store, images, caption_parts, latent_parts, cfg.dataset.resolution, inputs.buckets)
-    del caption_parts, latent_parts  # 100k images: hundreds of MB the train stage would otherwise run beside
+    del caption_parts, latent_parts  # one ref per image each: not kept alive beside the train stage
     weights = run(train, family=model.family, denoiser=model.denoiser, examples=examples,
                   null=null if cfg.train.caption_dropout > 0 else None, hp=cfg.train, store=store)
     samples = None

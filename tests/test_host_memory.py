@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,9 +30,13 @@ print(rss_mib() - before)
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc (Linux)")
 def test_freed_tensors_go_back_to_the_system():
+    # glibc's own defaults: no MALLOC_* variables (Dask's local cluster sets MALLOC_TRIM_THRESHOLD_ in
+    # os.environ for its workers, which a test run beside it would inherit).
+    env = {name: value for name, value in os.environ.items() if not name.startswith("MALLOC_")}
+
     def kept_mib(mode: str) -> int:
         out = subprocess.run([sys.executable, "-c", PROGRAM, mode], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).parents[1])
+                             cwd=Path(__file__).parents[1], env=env)
         return int(out.stdout.strip().splitlines()[-1])
 
     assert kept_mib("unset") >= 300  # glibc's default: the heap keeps what the tensors freed
