@@ -74,12 +74,12 @@ def prefetched(pool: ThreadPoolExecutor, batches: Iterator[list[T]], load: Calla
                ) -> Iterator[tuple[list[T], list[R]]]:
     """Each batch with its items loaded by `load` in the pool, the next batch loading while the
     caller works on this one (one batch ahead, so memory stays at two batches)."""
-    ahead: deque[tuple[list[T], list[Future]]] = deque()
+    ahead: deque[tuple[list[T], Future]] = deque()
     for batch in batches:
-        ahead.append((batch, [pool.submit(load, item) for item in batch]))
+        ahead.append((batch, pool.submit(lambda items: [load(item) for item in items], batch)))
         if len(ahead) > 1:
-            done, futures = ahead.popleft()
-            yield done, [f.result() for f in futures]
+            done, future = ahead.popleft()
+            yield done, future.result()
     while ahead:
-        done, futures = ahead.popleft()
-        yield done, [f.result() for f in futures]
+        done, future = ahead.popleft()
+        yield done, future.result()

@@ -228,6 +228,9 @@ def check_image(data: bytes, url: str) -> None:
 
 
 def read_image(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    if "://" not in url:  # a local path: read without fsspec's layers (a tenth of a ms an image)
+        with open(url, "rb") as f:
+            return f.read()
     with fsspec.open(url, "rb", **(storage_options or {})) as f:
         return f.read()
 

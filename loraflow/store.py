@@ -335,8 +335,12 @@ class Store:
         tmp = f"{final}{PARTIAL}{uuid.uuid4().hex[:12]}"
         try:
             if isinstance(self.fs, LocalFileSystem):  # the same steps as fsspec's, without its layers
-                os.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
-                with open(tmp, "wb") as out:
+                try:
+                    out = open(tmp, "wb")
+                except FileNotFoundError:  # the object's folder is new
+                    os.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+                    out = open(tmp, "wb")
+                with out:
                     out.write(data)
                 os.replace(tmp, final)
             else:

@@ -113,7 +113,7 @@ def encode_latents(todo: list[tuple[ImageItem, str]], sizes: dict[str, Size], fa
         return fam.encode_images(model, torch.stack(pixels))
 
     stored: dict[str, ObjectRef] = {}
-    writes: deque[tuple[str, Future]] = deque()
+    writes: deque[Future] = deque()  # each batch's writes: {image sha256: stored latent}
     def load(job: tuple[ImageItem, str]) -> Cut:
         return cut_image(job[0], sizes[job[0].sha256], center_crop, flip, store)
 
@@ -124,16 +124,22 @@ def encode_latents(todo: list[tuple[ImageItem, str]], sizes: dict[str, Size], fa
         for batch, cuts in prefetched(pool, batches, load):
             latents = padded_pass(encode, [c.pixels for c in cuts], size)
             flipped = padded_pass(encode, [c.mirrored for c in cuts], size) if flip else [None] * len(cuts)
+            objects = []
             for (image, key), cut, latent, mirrored in zip(batch, cuts, latents, flipped):
                 tensors = {**cut.tensors, "latent": latent}
                 if mirrored is not None:
                     tensors["latent_flipped"] = mirrored
-                writes.append((image.sha256, pool.submit(store.put_tensors, "latents", key, tensors,
-                                                         metadata={"image": image.name})))
+                objects.append((image, key, tensors))
+            writes.append(pool.submit(write_latents, store, objects))
             progress.advance(len(batch))
-            while len(writes) > 2 * size or (writes and writes[0][1].done()):  # a failed write stops the run here
-                sha, future = writes.popleft()
-                stored[sha] = future.result()
-        for sha, future in writes:
-            stored[sha] = future.result()
+            while len(writes) > 2 or (writes and writes[0].done()):  # a failed write stops the run here
+                stored.update(writes.popleft().result())
+        for future in writes:
+            stored.update(future.result())
     return stored
+
+
+def write_latents(store: Store, objects: list[tuple[ImageItem, str, dict[str, torch.Tensor]]]) -> dict[str, ObjectRef]:
+    """Store one batch's latents (in an I/O thread); {image sha256: stored latent}."""
+    return {image.sha256: store.put_tensors("latents", key, tensors, metadata={"image": image.name})
+            for image, key, tensors in objects}
