@@ -77,15 +77,16 @@ def load_dataset(cfg: DatasetConfig, storage_options: dict[str, Any] | None = No
         raise DatasetError(f"dataset.source: cannot list {source!r}: {type(exc).__name__}: {exc}") from exc
     root = root.rstrip("/")
     fingerprint = listing_fingerprint(listing)
+    if fingerprint is None:  # some file without a version: nothing to compare a last scan with
+        return _scan(fs, root, source, listing)
     last_scan = cache_root() / "scans" / f"{sha256_bytes(base.encode())[:32]}-{fingerprint}.json"
-    if fingerprint and last_scan.exists():
+    if last_scan.exists():
         try:
             return _IMAGES.validate_json(last_scan.read_bytes())  # listed exactly as at the last scan: its images
         except (OSError, ValidationError):  # gone meanwhile, or kept by another loraflow version: scan again
             pass
     images = _scan(fs, root, source, listing)
-    if fingerprint:
-        keep_scan(last_scan, _IMAGES.dump_json(images))
+    keep_scan(last_scan, _IMAGES.dump_json(images))
     return images
 
 

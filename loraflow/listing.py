@@ -28,7 +28,7 @@ def find(fs, path: str) -> dict[str, dict[str, Any]]:
                     if entry.is_dir(follow_symlinks=False):
                         folders.append(entry.path)
                     else:
-                        found[entry.path] = _details(entry)
+                        found[entry.path] = _details(entry.path, entry.stat(follow_symlinks=False))
         except (FileNotFoundError, NotADirectoryError):
             continue  # removed while listing (or never there): as fsspec's walk does
     return found
@@ -40,7 +40,7 @@ def ls(fs, path: str) -> list[dict[str, Any]]:
     if local is None or not os.path.isdir(local):
         return fs.ls(path, detail=True)
     with os.scandir(local) as entries:
-        return [_details(entry) for entry in entries]
+        return [_details(entry.path, entry.stat(follow_symlinks=False)) for entry in entries]
 
 
 def details_of(fs, paths: list[str]) -> dict[str, dict[str, Any]] | None:
@@ -52,35 +52,22 @@ def details_of(fs, paths: list[str]) -> dict[str, dict[str, Any]] | None:
     for path in paths:
         local = fs._strip_protocol(path)
         try:
-            out = os.lstat(local)
+            found[path] = _details(local, os.lstat(local))
         except (FileNotFoundError, NotADirectoryError):
             continue
-        link = stat.S_ISLNK(out.st_mode)
-        size = out.st_size
-        if link:
-            try:
-                size = os.stat(local).st_size
-            except OSError:
-                size = 0
-        kind = "directory" if stat.S_ISDIR(out.st_mode) else "file" if stat.S_ISREG(out.st_mode) else "other"
-        found[path] = _fields(local, out, size, kind, link)
     return found
 
 
-def _fields(path: str, out: os.stat_result, size: int, kind: str, link: bool) -> dict[str, Any]:
-    return {"name": path, "size": size, "type": kind, "created": getattr(out, "st_birthtime", out.st_ctime),
-            "islink": link, "mtime": out.st_mtime, "ino": out.st_ino}
-
-
-def _details(entry: os.DirEntry) -> dict[str, Any]:
-    """The fields of fsspec's local `info` that a version is made of, from the same stat calls."""
-    out = entry.stat(follow_symlinks=False)
-    link = entry.is_symlink()
+def _details(path: str, out: os.stat_result) -> dict[str, Any]:
+    """The fields of fsspec's local `info` that a version is made of, from the file's `lstat`
+    (and, for a symbolic link, its target's size), as fsspec takes them."""
+    link = stat.S_ISLNK(out.st_mode)
     size = out.st_size
     if link:
         try:
-            size = entry.stat(follow_symlinks=True).st_size
+            size = os.stat(path).st_size
         except OSError:
             size = 0
-    kind = "directory" if entry.is_dir(follow_symlinks=False) else "file" if entry.is_file(follow_symlinks=False) else "other"
-    return _fields(entry.path, out, size, kind, link)
+    kind = "directory" if stat.S_ISDIR(out.st_mode) else "file" if stat.S_ISREG(out.st_mode) else "other"
+    return {"name": path, "size": size, "type": kind, "created": getattr(out, "st_birthtime", out.st_ctime),
+            "islink": link, "mtime": out.st_mtime, "ino": out.st_ino}

@@ -138,7 +138,8 @@ class Store:
         self.write_atomic(path, data)
         self.write_atomic(path + ".sha256", digest.encode())  # last: marks the object present
         # Known-good from here on: a later check of this version of the file does not read it back.
-        info = (listing.details_of(self.fs, [self.abs(path)]) or {}).get(self.abs(path)) or self.fs.info(self.abs(path))
+        where = self.abs(path)
+        info = (listing.details_of(self.fs, [where]) or {}).get(where) or self.fs.info(where)
         digests().put(remote_stamp(self.url_of(path), info), digest)
         if kind in self._listings:
             self._listings[kind][path] = version(info) or ""

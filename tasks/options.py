@@ -1,5 +1,6 @@
-"""What every loraflow task has besides its cache key: retries with backoff when the store fails in a way that passes (a dropped connection, a timeout, a throttled
-request). Any other error, a bad input or a full disk, fails the task at once with its message."""
+"""What every loraflow task has besides its cache key: retries with backoff when the store fails in a
+way that passes (a dropped connection, a timeout, a throttled request). Any other error, a bad input
+or a full disk, fails the task at once with its message."""
 
 from __future__ import annotations
 
