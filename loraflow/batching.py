@@ -57,9 +57,22 @@ def padded_pass(forward: Callable[[list[T]], Sequence[R]], inputs: list[T], size
     return list(outputs[: len(inputs)])
 
 
+# Threads reading, decoding and writing beside the encoder. On local disks that work is mostly
+# Python holding the GIL, which the encoder needs between its kernels: one thread overlaps what
+# releases the GIL (decoding, file I/O) and a second only slows the encoder (bench/latent_throughput.py:
+# 0.81x the bare loop with one, 0.73x with two). Reads and writes over a network wait instead.
+LOCAL_IO_THREADS = 1
+REMOTE_IO_THREADS = 2
+
+
+def io_threads(*remote: bool) -> int:
+    """The worker threads for a stage whose inputs and outputs are on these filesystems (True: remote)."""
+    return REMOTE_IO_THREADS if any(remote) else LOCAL_IO_THREADS
+
+
 @contextmanager
-def worker_pool(threads: int = 2) -> Iterator[ThreadPoolExecutor]:
-    """Threads for reading, decoding and writing beside the encoder (these release the GIL). On
+def worker_pool(threads: int) -> Iterator[ThreadPoolExecutor]:
+    """`threads` threads for reading, decoding and writing beside the encoder (`io_threads`). On
     an error or a signal, work not yet started is dropped rather than waited for."""
     pool = ThreadPoolExecutor(threads, thread_name_prefix="loraflow-io")
     try:

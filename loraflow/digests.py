@@ -183,14 +183,14 @@ class Digests:
 
 BATCH = 500  # stamps per query: under SQLite's limit on bound parameters
 PENDING_MAX = 256  # rows `put` keeps before writing them in one transaction
-_open: dict[tuple[Path, int], Digests] = {}
+_open: dict[tuple[str | None, int], Digests] = {}
 _open_lock = threading.Lock()
 
 
 def digests() -> Digests:
     """The table for the current LORAFLOW_HOME, opened once per process (a forked child opens its own)."""
-    key = (cache_root() / "digests.sqlite", os.getpid())
+    key = (os.environ.get("LORAFLOW_HOME"), os.getpid())  # looked up per object written: no Path work here
     with _open_lock:
         if key not in _open:
-            _open[key] = Digests(key[0])
+            _open[key] = Digests(cache_root() / "digests.sqlite")
         return _open[key]

@@ -39,6 +39,7 @@ from fsspec.implementations.local import LocalFileSystem
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.filesystems import WritableFileSystem
 from pydantic import BaseModel, PrivateAttr, TypeAdapter
+from safetensors.numpy import save as save_numpy
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
@@ -119,6 +120,10 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
 
     def abs(self, rel: str) -> str:
         return f"{self.root}/{rel}"
@@ -322,8 +327,7 @@ class Store:
 
     def put_tensors(self, kind: str, key: str, tensors: dict[str, torch.Tensor],
                     metadata: dict[str, str] | None = None) -> ObjectRef:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        return self.put(kind, key, save_safetensors(tensors, metadata=metadata), "safetensors")
+        return self.put(kind, key, tensor_bytes(tensors, metadata), "safetensors")
 
     def read_tensors(self, ref: ObjectRef) -> dict[str, torch.Tensor]:
         return load_safetensors(self.read(ref))
@@ -333,9 +337,9 @@ class Store:
         """Write `rel` whole or not at all. A failed write (a full disk, a lost connection, a
         signal) removes its temporary file and raises `StoreError` naming the object."""
         final = self.abs(rel)
-        tmp = f"{final}{PARTIAL}{uuid.uuid4().hex[:12]}"
+        tmp = f"{final}{PARTIAL}{os.urandom(6).hex()}"
         try:
-            if isinstance(self.fs, LocalFileSystem):  # the same steps as fsspec's, without its layers
+            if self.is_local:  # the same steps as fsspec's, without its layers
                 try:
                     out = open(tmp, "wb")
                 except FileNotFoundError:  # the object's folder is new
@@ -452,6 +456,20 @@ def _modified(info: dict) -> float:
     if stamp is None:
         return time.time()  # unknown: never old enough to sweep
     return stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
+
+
+# Dtypes numpy has: their tensors serialize through safetensors' numpy front end, which gives the
+# same bytes as its torch one with a quarter of the Python work (it matters at one latent per image).
+NUMPY_DTYPES = {torch.float64, torch.float32, torch.float16, torch.int64, torch.int32, torch.int16, torch.int8,
+                torch.uint8, torch.bool}
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """`tensors` as a safetensors file."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    if all(v.dtype in NUMPY_DTYPES for v in tensors.values()):
+        return save_numpy({k: v.numpy() for k, v in tensors.items()}, metadata=metadata)
+    return save_safetensors(tensors, metadata=metadata)  # bfloat16, float8: no numpy dtype
 
 
 def safetensors_metadata(data: bytes) -> dict[str, str]:

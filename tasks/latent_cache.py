@@ -15,7 +15,7 @@ from itertools import groupby
 import torch
 from prefect import get_run_logger, task
 
-from loraflow.batching import GPU_IMAGE_BATCH, batch_size_for, chunks, padded_pass, prefetched, worker_pool
+from loraflow.batching import GPU_IMAGE_BATCH, batch_size_for, chunks, io_threads, padded_pass, prefetched, worker_pool
 from loraflow.buckets import Size, cut_size
 from loraflow.dataset import DatasetError, ImageItem, read_image, to_pixels
 from loraflow.families import get_family, loaded, pick_device
@@ -119,7 +119,8 @@ def encode_latents(todo: list[tuple[ImageItem, str]], sizes: dict[str, Size], fa
 
     by_size = [list(group) for _, group in groupby(todo, key=lambda job: sizes[job[0].sha256])]
     progress = Progress(get_run_logger(), "latents", len(todo), " encoded")
-    with worker_pool() as pool:
+    remote_images = any("://" in image.url for image, _ in todo)
+    with worker_pool(io_threads(remote_images, not store.is_local)) as pool:
         batches = (batch for group in by_size for batch in chunks(group, size))  # never two sizes in one pass
         for batch, cuts in prefetched(pool, batches, load):
             latents = padded_pass(encode, [c.pixels for c in cuts], size)

@@ -12,7 +12,7 @@ from safetensors.torch import load, save
 
 from loraflow.dataset import generate_shapes
 from loraflow.sealed import seal, sealed_key
-from loraflow.store import ArtifactMissing, Store, safetensors_metadata
+from loraflow.store import ArtifactMissing, Store, safetensors_metadata, tensor_bytes
 from tests.helpers import STAGES, run, small_config
 
 
@@ -105,6 +105,18 @@ def test_an_object_copied_under_another_key_is_a_miss(store, tmp_path):
         assert store.broken([swapped]) == [swapped]
     with pytest.raises(ValueError, match="cannot seal"):
         store.put("samples", "k", b"{}", "bin")
+
+
+def test_tensor_bytes_are_safetensors_own_whatever_the_dtype():
+    """Tensors numpy has a dtype for go through safetensors' numpy front end (less Python per
+    latent): the file must be byte for byte what its torch front end writes."""
+    for dtype in (torch.float32, torch.float16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool):
+        tensors = {"latent": torch.randn(4, 3, 2).to(dtype), "size": torch.tensor([32, 48]),
+                   "scalar": torch.tensor(1.5).to(dtype), "strided": torch.randn(4, 6).to(dtype)[:, ::2]}
+        expected = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"image": "a.png"})
+        assert tensor_bytes(tensors, {"image": "a.png"}) == expected, dtype
+    tensors = {"latent": torch.randn(2, 2, dtype=torch.bfloat16), "size": torch.tensor([1, 2])}  # no numpy dtype
+    assert tensor_bytes(tensors) == save(tensors)
 
 
 def test_seal_round_trip_and_canonical_header():

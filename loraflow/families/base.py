@@ -73,7 +73,7 @@ class Family:
     def encode_images(self, vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (B, 3, H, W) in [-1, 1] -> normalised latents on the CPU, deterministically."""
         with torch.no_grad():
-            latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode().cpu()
+            latents = vae.encode(on_weights(pixels, vae)).latent_dist.mode().cpu()
         shift = vae.config.shift_factor or 0.0
         return (latents - shift) * vae.config.scaling_factor
 
@@ -194,3 +194,11 @@ def with_pooled(cond: Cond, null: Cond) -> dict[str, torch.Tensor]:
         "negative_prompt_embeds": null["prompt_embeds"][None],
         "negative_pooled_prompt_embeds": null["pooled_prompt_embeds"][None],
     }
+
+
+def on_weights(inputs: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+    """`inputs` on the device and in the dtype of `model`'s first weight. Not diffusers' `model.device`
+    and `model.dtype`: they walk every submodule looking for offload and casting hooks (which the
+    encoders loaded here never carry), 8% of the tiny VAE's time per batch on a CPU."""
+    weight = next(model.parameters())
+    return inputs.to(weight.device, weight.dtype)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
 from transformers import AutoModel, AutoTokenizer
 
-from loraflow.families.base import DTYPES, Cond, Family
+from loraflow.families.base import DTYPES, Cond, Family, on_weights
 
 
 class Sana(Family):
@@ -67,7 +67,7 @@ class Sana(Family):
 
     def encode_images(self, vae, pixels):
         with torch.no_grad():
-            return vae.encode(pixels.to(vae.device, vae.dtype)).latent.cpu() * vae.config.scaling_factor
+            return vae.encode(on_weights(pixels, vae)).latent.cpu() * vae.config.scaling_factor
 
     def load_denoiser(self, model_dir, torch_dtype=torch.float32, **options):
         return SanaTransformer2DModel.from_pretrained(model_dir, subfolder="transformer", torch_dtype=torch_dtype, **options)
