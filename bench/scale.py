@@ -3,7 +3,7 @@
     .venv/bin/python bench/scale.py [--sizes 1000 10000 100000] [--steps 20]
 
 For each size N: generates N distinct 32 px images (up to 1,000 distinct captions), then runs the flow on
-the tiny SD model (one Prefect server for the whole benchmark):
+the tiny SD model (one Prefect server, in a process of its own, for the whole benchmark):
 - cold, on one worker thread (one shard at a time): build-latent-cache's images/s over the time
   its shards ran (Prefect's run time of each shard's task run, summed), and a bare loop of batched
   `vae.encode` on one thread over the same images (read, decode, cut, encode; nothing stored) for
@@ -11,7 +11,7 @@ the tiny SD model (one Prefect server for the whole benchmark):
 - the first re-run after the cold run and a steady re-run, nothing changed, each minus the floor
   (a no-op run of a six-task cached flow on the same server);
 - a re-run after one image was added;
-- peak RSS of the process during a run in which only training runs (VmHWM, reset before it).
+- peak RSS of a run in which only training runs, in a fresh process (as a deployment runs it).
 Then the sharded stages on Prefect task runners, cold, on `--dask-images` images: one thread
 (torch on one thread) against a local Dask cluster of two worker processes of one thread each.
 Prints markdown tables and the load average.
@@ -20,7 +20,10 @@ Prints markdown tables and the load average.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -84,10 +87,28 @@ def floor_seconds() -> float:
     return timed(six)[0]
 
 
-def peak_rss_mib(fn) -> float:
-    """Peak resident memory while `fn` runs (Linux: VmHWM after resetting it)."""
-    Path("/proc/self/clear_refs").write_text("5")
-    fn()
+def train_only_peak_rss_mib(cfg) -> float:
+    """Peak resident memory of a run in which only training (and sampling) runs, in a process of its
+    own as a deployment's run is (the bench's own process holds what its earlier runs left)."""
+    out = subprocess.run([sys.executable, __file__, "--train-only-child", cfg.model_dump_json()],
+                         capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    if out.returncode:
+        raise SystemExit(f"train-only run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def train_only_child(cfg_json: str) -> None:
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from flows.finetune import finetune
+    from loraflow.config import RunConfig
+
+    finetune(RunConfig.model_validate_json(cfg_json))
+    print(vm_hwm_mib())
+
+
+def vm_hwm_mib() -> float:
+    """This process's peak resident memory. Not `ru_maxrss`: a forked child starts with its
+    parent's (this bench's process, with everything its earlier runs left), and keeps it across exec."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
@@ -144,7 +165,10 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dask-images", type=int, default=4000)
+    parser.add_argument("--train-only-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.train_only_child:
+        return train_only_child(args.train_only_child)
 
     from flows.finetune import finetune
     from loraflow.config import RunConfig
@@ -154,6 +178,15 @@ def main() -> None:
     from loraflow.builtin import builtin_path
 
     builtin_path("tiny-sd")  # built before anything is timed
+    # One Prefect server in a process of its own for every run, this process's and its children's,
+    # as under a deployment.
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url  # the children's
+    contextlib.ExitStack().enter_context(temporary_settings(updates={PREFECT_API_URL: server.api_url}))
     floor = floor_seconds()
     rows = []
     for n in args.sizes:
@@ -179,7 +212,7 @@ def main() -> None:
         (tmp / "extra").rmdir()
         added_s, _ = timed(lambda: finetune(cfg))
         retrain = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": 1})})
-        rss = peak_rss_mib(lambda: finetune(retrain))
+        rss = train_only_peak_rss_mib(retrain)
         encoding = run_seconds(cold.flow_run_id, "build-latent-cache")
         rows.append((n, len(latents), sum(r.computed for r in latents) / encoding, bare, cold_s,
                      first_s - floor, steady_s - floor, added_s, rss))

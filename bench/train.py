@@ -20,7 +20,7 @@ own, one after the other (never side by side), and reports:
   `train_loss` events (steps 11..N). It needs `datasets` (the `bench` extra) and torchvision's PIL
   transforms, which `bench/shims/torchvision` provides on that process's PYTHONPATH only (torchvision
   from PyPI does not import beside this torch);
-- peak RSS (ru_maxrss) of each process.
+- peak RSS of each process (VmHWM; the diffusers script's from wait4, at least this bench's own RSS).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -82,17 +81,17 @@ def run_bare(root: Path, steps: int, resolution: int) -> dict:
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from peft import LoraConfig
 
-    from loraflow.manifests import Example
+    from loraflow.manifests import Examples
     from loraflow.sealed import unsealed_json
     from loraflow.store import Store
 
     store = Store(str(root / "store"))
     (listed,) = [p for p in (root / "store" / "objects" / "lists").rglob("*.json")
-                 if b'"latent"' in p.read_bytes()]  # the training examples of the loraflow run
+                 if b'"latent_sha256"' in p.read_bytes()]  # the training examples of the loraflow run
 
-    examples = [Example.model_validate(e) for e in json.loads(unsealed_json(listed.read_bytes()))]
-    latents = torch.stack([store.read_tensors(e.latent)["latent"] for e in examples])
-    embeds = torch.stack([store.read_tensors(e.caption)["prompt_embeds"] for e in examples])
+    examples = Examples.model_validate_json(unsealed_json(listed.read_bytes()))
+    latents = torch.stack([store.read_tensors(examples.latent(i))["latent"] for i in range(len(examples))])
+    embeds = torch.stack([store.read_tensors(examples.captions[c])["prompt_embeds"] for c in examples.caption])
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_pretrained(root / "model", subfolder="unet")
@@ -178,7 +177,9 @@ def main() -> None:
         runs = {"loraflow": run_loraflow, "bare": run_bare,
                 "loraflow-embedded": lambda *a: run_loraflow(*a, store="store-embedded")}
         result = runs[args.child](Path(args.root), args.steps, args.resolution)
-        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # VmHWM, not ru_maxrss: a forked child's ru_maxrss starts at its parent's RSS, kept across exec.
+        result["peak_rss_mib"] = next(int(line.split()[1]) / 1024 for line in Path("/proc/self/status").read_text()
+                                      .splitlines() if line.startswith("VmHWM:"))
         print(json.dumps(result))
         return
 

@@ -20,7 +20,7 @@ from loraflow.dataset import load_dataset, read_sample_prompts
 from loraflow.families import get_family, pick_device
 from loraflow.live import live_run
 from loraflow.metrics import import_wandb
-from loraflow.manifests import Example, Samples, Weights
+from loraflow.manifests import Examples, Samples, Weights
 from loraflow.models import check_resolution, resolve_model
 from loraflow.precision import check_precision
 from loraflow.remote import storage_options
@@ -139,13 +139,11 @@ def stages(cfg: RunConfig, inputs: Inputs, run: StageRunner) -> Outputs:
 def store_examples(store: Store, images: list, caption_parts: list, latent_parts: list, resolution: int,
                    buckets: list | None) -> ListRef:
     """The training examples, one per image, joined by content (its latent, its caption's
-    embedding), in content order (not by name), stored as one list."""
+    embedding), in content order (not by name), stored as one table."""
     captions = {prompt: ref for part in caption_parts for prompt, ref in part.items.items()}
     latents = {sha: ref for part in latent_parts for sha, ref in part.items.items()}
-    examples = sorted((Example(image=i.name, latent=latents[i.sha256], caption=captions[i.caption],
-                               size=cut_size(i.height, i.width, resolution, buckets)) for i in images),
-                      key=lambda e: (e.latent.key, e.caption.key))
-    return store.put_list(examples)
+    return Examples.from_rows((i.name, latents[i.sha256], captions[i.caption],
+                               cut_size(i.height, i.width, resolution, buckets)) for i in images).stored(store)
 
 
 def now() -> str:

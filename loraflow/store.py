@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from fsspec.asyn import AsyncFileSystem
@@ -49,6 +49,7 @@ from loraflow.hashing import content_key, sha256_bytes
 from loraflow.sealed import seal, sealed_key, unsealed_json
 
 
+M = TypeVar("M", bound=BaseModel)
 PARTIAL = ".tmp-"  # in the name of a file being written; it never counts as an object
 STALE_PARTIAL_S = 3600  # a temporary file untouched this long belongs to a write that was killed
 
@@ -309,15 +310,23 @@ class Store:
         """Store a long list (pydantic models or plain JSON values) as one sealed JSON object and
         return the reference tasks are handed instead of the list. The object is named by its
         bytes; an identical one already stored and verified on this machine is not written again."""
-        data = list_bytes(items)
+        return self.put_named(list_bytes(items), count=len(items), identity=content_key("list", items))
+
+    def put_named(self, data: bytes, count: int, identity: str) -> ListRef:
+        """Store `data` (JSON of `count` items whose content is `identity`) as one object named by
+        its bytes, unless an identical one is stored and verified on this machine."""
         key = sha256_bytes(data)
         ref = self.find_many("lists", [key], "json").get(key) or self.put("lists", key, data, "json")
-        return ListRef(ref=ref, count=len(items), identity=content_key("list", items))
+        return ListRef(ref=ref, count=count, identity=identity)
 
     def read_list(self, listed: ListRef, item_type: type | None = None) -> list:
         """The items of a stored list, checked like every read; `item_type` validates each one."""
         items = self.read_json(listed.ref)
         return [item_type.model_validate(i) for i in items] if item_type else items
+
+    def read_model(self, listed: ListRef, model: type[M]) -> M:
+        """A stored value (`put_named`) as `model`, parsed from the checked bytes in one pass."""
+        return model.model_validate_json(unsealed_json(self.read(listed.ref)))
 
     def put_json(self, kind: str, key: str, value: Any) -> ObjectRef:
         return self.put(kind, key, json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode(), "json")

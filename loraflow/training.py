@@ -38,13 +38,13 @@ from loraflow.builtin import cache_root
 from loraflow.config import TrainConfig
 from loraflow.families import _LOADING, get_family
 from loraflow.hashing import content_key
-from loraflow.manifests import Example, NullEmbedding, Weights
+from loraflow.manifests import Examples, NullEmbedding, Weights
 from loraflow.host_memory import return_freed_memory
 from loraflow.metrics import TrainingLog, start_wandb_run
 from loraflow.models import Component
 from loraflow.optim import flatten, make_ema, make_optimizer, make_schedule, unflatten
 from loraflow.precision import autocast_quantized, base_load_options, check_precision
-from loraflow.store import ListRef, ObjectRef, Store, safetensors_metadata
+from loraflow.store import ListRef, Store, safetensors_metadata
 from loraflow.training_data import StoreExamples
 from loraflow.weights import export_weights, import_weights
 
@@ -81,15 +81,8 @@ def run(job: TrainJob, accelerator: Accelerator, logger: logging.Logger | loggin
     store = Store(job.store_url, job.storage_options)
 
     # Data: everything comes from the store by the refs upstream handed us, read as steps need it.
-    listed = store.read_list(job.examples, Example)
-    shared: dict[str, ObjectRef] = {}  # one ref per distinct caption embedding, not one per image
-    for example in listed:
-        example.caption = shared.setdefault(example.caption.key, example.caption)
-    data = StoreExamples(store, listed, budget_bytes=hp.data_cache_mb * 2**20)
-    by_size: dict[tuple[int, int], list[int]] = {}
-    for i, e in enumerate(listed):
-        by_size.setdefault(e.size, []).append(i)
-    buckets = [by_size[size] for size in sorted(by_size)]  # example indices per bucket
+    data = StoreExamples(store, store.read_model(job.examples, Examples), budget_bytes=hp.data_cache_mb * 2**20)
+    buckets = data.buckets()  # example indices per size
     if hp.caption_dropout > 0 and job.null is None:
         raise ValueError("train.caption_dropout > 0 needs the null embedding")
     null_cond = store.read_tensors(job.null.embedding) if hp.caption_dropout > 0 else None

@@ -46,7 +46,7 @@ def predict(family: str, denoiser: Component, examples: ListRef, null: NullEmbed
 @task(**stage("train"), task_run_name="train", cache_policy=CACHE_KEY, result_serializer="json")
 def train(family: str, denoiser: Component, examples: ListRef, null: NullEmbedding | None,
           hp: TrainConfig, store: Store) -> Weights:
-    """`examples` is the stored list of every training `Example` (a latent and a caption embedding)."""
+    """`examples` is the stored table of every training example (`Examples`: a latent and a caption embedding each)."""
     get_family(family).check_train(hp)
     job = TrainJob(family=family, denoiser=denoiser, examples=examples, null=null, hp=hp,
                    run_key=run_key(family, denoiser, examples, null, hp),

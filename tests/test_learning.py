@@ -6,7 +6,6 @@ loader position while captions are shuffled): with misaligned pairs the colours 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from PIL import Image
 
 from loraflow.builtin import builtin_path
 from loraflow.dataset import COLOURS, builtin_dataset, load_dataset, to_pixels
-from loraflow.manifests import Example
+from loraflow.manifests import Examples
 from loraflow.models import resolve_model
 from loraflow.sealed import unsealed_json
 from loraflow.store import Store, safetensors_metadata
@@ -87,7 +86,10 @@ def test_samples_take_the_colour_their_prompt_names(tmp_path, method):
 
     store, model = Store(cfg.store), resolve_model(cfg.model)
     captions = {i.name: i.caption for i in load_dataset(cfg.dataset)}
-    trained = max((tmp_path / "store" / "objects" / "lists").rglob("*.json"), key=lambda p: p.stat().st_size)
-    for e in (Example.model_validate(x) for x in json.loads(unsealed_json(trained.read_bytes()))):
-        assert safetensors_metadata(store.read(e.latent))["image"] == e.image
-        assert e.caption.key == embedding_key(model.family, model.text_encoder, cfg.encoder, captions[e.image])
+    (trained,) = [p for p in (tmp_path / "store" / "objects" / "lists").rglob("*.json")
+                  if b'"latent_sha256"' in p.read_bytes()]  # the examples table
+    examples = Examples.model_validate_json(unsealed_json(trained.read_bytes()))
+    for i, image in enumerate(examples.images):
+        assert safetensors_metadata(store.read(examples.latent(i)))["image"] == image
+        caption = examples.captions[examples.caption[i]]
+        assert caption.key == embedding_key(model.family, model.text_encoder, cfg.encoder, captions[image])

@@ -5,20 +5,22 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+import pytest
 import torch
 
-from loraflow.manifests import Example
+from loraflow.hashing import content_key
+from loraflow.manifests import Examples
 from loraflow.store import Store
 from loraflow.training_data import StoreExamples, size_of
 from tests.helpers import run, small_config
 
 
-def examples(store: Store, n: int) -> list[Example]:
-    return [Example(image=f"{i}.png",
-                    latent=store.put_tensors("latents", f"latent{i}", {"latent": torch.full((4, 4), float(i))}),
-                    caption=store.put_tensors("embeddings", f"caption{i}", {"hidden": torch.full((8,), -float(i))}),
-                    size=(8, 8))
-            for i in range(n)]
+def examples(store: Store, n: int) -> Examples:
+    """`n` examples whose latent `i` holds i and caption -i (keys sort in index order)."""
+    return Examples.from_rows(
+        (f"{i}.png", store.put_tensors("latents", f"latent{i:03d}", {"latent": torch.full((4, 4), float(i))}),
+         store.put_tensors("embeddings", f"caption{i:03d}", {"hidden": torch.full((8,), -float(i))}), (8, 8))
+        for i in range(n))
 
 
 def test_items_come_back_right_within_the_budget(tmp_path):
@@ -50,3 +52,26 @@ def test_a_tiny_data_budget_trains_the_same_weights(shapes, tmp_path, monkeypatc
     tight, _ = run(cfg.model_copy(update={"store": str(tmp_path / "tight")}))
     assert len(reads) > len(set(reads))  # objects were dropped and read again
     assert Path(tight.weights).read_bytes() == Path(roomy.weights).read_bytes()
+
+
+def test_the_examples_table_keeps_content_order_identity_and_buckets(tmp_path):
+    """Rows in any order give one table, in content order; its identity is that of the
+    (latent, caption) pairs, whatever the names and sizes; training reads it back as refs and
+    groups it by size."""
+    store = Store(str(tmp_path / "store"))
+    latents = [store.put_tensors("latents", f"l{i}", {"latent": torch.zeros(1)}) for i in range(6)]
+    captions = [store.put_tensors("embeddings", f"c{i}", {"hidden": torch.zeros(1)}) for i in range(2)]
+    rows = [(f"{i}.png", latents[i], captions[i % 2], (8, 16) if i % 3 else (8, 8)) for i in range(6)]
+    table = Examples.from_rows(reversed(rows))
+    assert table == Examples.from_rows(rows) and table.latents == sorted(table.latents)
+    assert table.captions == captions and [table.captions[c] for c in table.caption] == [captions[i % 2] for i in range(6)]
+    renamed = Examples.from_rows((f"other-{name}", latent, caption, (4, 4)) for name, latent, caption, _ in rows)
+    assert renamed.identity() == table.identity() == content_key("list", [{"latent": lat.key, "caption": cap.key}
+                                                                             for _, lat, cap, _ in rows])
+    assert Examples.from_rows(rows[:5]).identity() != table.identity()
+
+    data = StoreExamples(store, store.read_model(table.stored(store), Examples), budget_bytes=1000)
+    assert [data.refs(i)[0] for i in range(6)] == latents and data.buckets() == [[0, 3], [1, 2, 4, 5]]
+    data.close()
+    with pytest.raises(ValueError, match="not where a latent"):
+        Examples.from_rows([("x.png", captions[0], captions[0], (8, 8))])
