@@ -81,10 +81,12 @@ def load_dataset(cfg: DatasetConfig, storage_options: dict[str, Any] | None = No
         return _scan(fs, root, source, listing)
     last_scan = cache_root() / "scans" / f"{sha256_bytes(base.encode())[:32]}-{fingerprint}.json"
     if last_scan.exists():
+        del listing  # the last scan's images take its place in memory, not a place beside it
         try:
             return _IMAGES.validate_json(last_scan.read_bytes())  # listed exactly as at the last scan: its images
         except (OSError, ValidationError):  # gone meanwhile, or kept by another loraflow version: scan again
-            pass
+            last_scan.unlink(missing_ok=True)
+            return load_dataset(cfg, storage_options)
     images = _scan(fs, root, source, listing)
     keep_scan(last_scan, _IMAGES.dump_json(images))
     return images
