@@ -141,8 +141,9 @@ def store_examples(store: Store, images: list, caption_parts: list, latent_parts
     """The training examples, one per image, joined by content (its latent, its caption's
     embedding), in content order (not by name), stored as one table."""
     captions = {prompt: ref for part in caption_parts for prompt, ref in part.items.items()}
-    latents = {sha: ref for part in latent_parts for sha, ref in part.items.items()}
-    return Examples.from_rows((i.name, latents[i.sha256], captions[i.caption],
+    latents = {sha: (key, digest) for part in latent_parts
+               for sha, key, digest in zip(part.images, part.latents, part.checksums)}
+    return Examples.from_rows((i.name, *latents[i.sha256], captions[i.caption],
                                cut_size(i.height, i.width, resolution, buckets)) for i in images).stored(store)
 
 

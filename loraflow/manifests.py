@@ -42,10 +42,26 @@ class NullEmbedding(Manifest):
 
 
 class Latents(Manifest):
-    items: dict[str, ObjectRef]  # image sha256 -> latent
+    """One shard's latents, one per image, as columns in image order: a 1,000-image shard's record
+    parses into three lists of strings, not a thousand refs (the flow holds every shard's at once)."""
+
+    images: list[str]  # image sha256
+    # (Not `keys`: a model with a `keys` attribute is taken for a mapping by `dict(model)`, as Prefect does.)
+    latents: list[str]  # its latent's key: the object is at `latent_path(key)`
+    checksums: list[str]  # its latent's sha256 ("" in a plan)
+
+    @classmethod
+    def of(cls, latents: dict[str, ObjectRef], computed: int = 0, reused: int = 0) -> Latents:
+        """From {image sha256: its stored latent}."""
+        images = sorted(latents)
+        for ref in latents.values():
+            if ref.path != latent_path(ref.key):
+                raise ValueError(f"{ref.path} is not where a latent of key {ref.key[:12]} is stored")
+        return cls(images=images, latents=[latents[i].key for i in images], checksums=[latents[i].sha256 for i in images],
+                   computed=computed, reused=reused)
 
     def refs(self):
-        return list(self.items.values())
+        return [ObjectRef(path=latent_path(key), key=key, sha256=sha) for key, sha in zip(self.latents, self.checksums)]
 
 
 class Examples(BaseModel):
@@ -64,20 +80,18 @@ class Examples(BaseModel):
     sizes: list[tuple[int, int]]  # (height, width)
 
     @classmethod
-    def from_rows(cls, rows: Iterable[tuple[str, ObjectRef, ObjectRef, tuple[int, int]]]) -> Examples:
-        """From (image name, latent, caption embedding, size) rows, in any order."""
-        rows = sorted(rows, key=lambda row: (row[1].key, row[2].key))
+    def from_rows(cls, rows: Iterable[tuple[str, str, str, ObjectRef, tuple[int, int]]]) -> Examples:
+        """From (image name, latent key, latent checksum, caption embedding, size) rows, in any order."""
+        rows = sorted(rows, key=lambda row: (row[1], row[3].key))
         index: dict[str, int] = {}
         captions: list[ObjectRef] = []
-        for _, latent, caption, _ in rows:
-            if latent.path != latent_path(latent.key):
-                raise ValueError(f"{latent.path} is not where a latent of key {latent.key[:12]} is stored")
-            if caption.key not in index:
-                index[caption.key] = len(captions)
-                captions.append(caption)
-        return cls(images=[row[0] for row in rows], latents=[row[1].key for row in rows],
-                   latent_sha256=[row[1].sha256 for row in rows], captions=captions,
-                   caption=[index[row[2].key] for row in rows], sizes=[row[3] for row in rows])
+        for row in rows:
+            if row[3].key not in index:
+                index[row[3].key] = len(captions)
+                captions.append(row[3])
+        return cls(images=[row[0] for row in rows], latents=[row[1] for row in rows],
+                   latent_sha256=[row[2] for row in rows], captions=captions,
+                   caption=[index[row[3].key] for row in rows], sizes=[row[4] for row in rows])
 
     def __len__(self) -> int:
         return len(self.latents)

@@ -52,7 +52,7 @@ def predict(images: ListRef, family: str, vae: Component, resolution: int, cente
     unique = {i.sha256: i for i in store.read_list(images, ImageItem)}
     sizes = {sha: cut_size(i.height, i.width, resolution, buckets) for sha, i in unique.items()}
     keys = latent_keys(unique, sizes, family, vae, center_crop, flip)
-    return Latents(items={sha: planned("latents", key, "safetensors") for sha, key in keys.items()})
+    return Latents.of({sha: planned("latents", key, "safetensors") for sha, key in keys.items()})
 
 
 @dataclass
@@ -96,7 +96,7 @@ def build_latent_cache(images: ListRef, family: str, vae: Component, resolution:
     if todo:
         items.update(encode_latents(todo, sizes, family, vae, center_crop, flip, store, batch_size))
     logger.info("%d latent(s) encoded, %d reused", len(todo), len(items) - len(todo))
-    latents = Latents(items=items, computed=len(todo), reused=len(items) - len(todo))
+    latents = Latents.of(items, computed=len(todo), reused=len(items) - len(todo))
     store.vouch_for(latents.refs())
     return latents
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from loraflow.hashing import content_key
-from loraflow.manifests import Examples
+from loraflow.manifests import Examples, Latents
 from loraflow.store import Store
 from loraflow.training_data import StoreExamples, size_of
 from tests.helpers import run, small_config
@@ -17,8 +17,9 @@ from tests.helpers import run, small_config
 
 def examples(store: Store, n: int) -> Examples:
     """`n` examples whose latent `i` holds i and caption -i (keys sort in index order)."""
+    latents = [store.put_tensors("latents", f"latent{i:03d}", {"latent": torch.full((4, 4), float(i))}) for i in range(n)]
     return Examples.from_rows(
-        (f"{i}.png", store.put_tensors("latents", f"latent{i:03d}", {"latent": torch.full((4, 4), float(i))}),
+        (f"{i}.png", latents[i].key, latents[i].sha256,
          store.put_tensors("embeddings", f"caption{i:03d}", {"hidden": torch.full((8,), -float(i))}), (8, 8))
         for i in range(n))
 
@@ -61,17 +62,20 @@ def test_the_examples_table_keeps_content_order_identity_and_buckets(tmp_path):
     store = Store(str(tmp_path / "store"))
     latents = [store.put_tensors("latents", f"l{i}", {"latent": torch.zeros(1)}) for i in range(6)]
     captions = [store.put_tensors("embeddings", f"c{i}", {"hidden": torch.zeros(1)}) for i in range(2)]
-    rows = [(f"{i}.png", latents[i], captions[i % 2], (8, 16) if i % 3 else (8, 8)) for i in range(6)]
+    rows = [(f"{i}.png", latents[i].key, latents[i].sha256, captions[i % 2], (8, 16) if i % 3 else (8, 8))
+            for i in range(6)]
     table = Examples.from_rows(reversed(rows))
     assert table == Examples.from_rows(rows) and table.latents == sorted(table.latents)
     assert table.captions == captions and [table.captions[c] for c in table.caption] == [captions[i % 2] for i in range(6)]
-    renamed = Examples.from_rows((f"other-{name}", latent, caption, (4, 4)) for name, latent, caption, _ in rows)
-    assert renamed.identity() == table.identity() == content_key("list", [{"latent": lat.key, "caption": cap.key}
-                                                                             for _, lat, cap, _ in rows])
+    renamed = Examples.from_rows((f"other-{name}", key, sha, caption, (4, 4)) for name, key, sha, caption, _ in rows)
+    assert renamed.identity() == table.identity() == content_key("list", [{"latent": key, "caption": cap.key}
+                                                                             for _, key, _, cap, _ in rows])
     assert Examples.from_rows(rows[:5]).identity() != table.identity()
 
     data = StoreExamples(store, store.read_model(table.stored(store), Examples), budget_bytes=1000)
     assert [data.refs(i)[0] for i in range(6)] == latents and data.buckets() == [[0, 3], [1, 2, 4, 5]]
     data.close()
     with pytest.raises(ValueError, match="not where a latent"):
-        Examples.from_rows([("x.png", captions[0], captions[0], (8, 8))])
+        Latents.of({"image": captions[0]})
+    shard = Latents.of(dict(zip("fedcba", latents)), computed=6)
+    assert shard.images == sorted("fedcba") and sorted(shard.refs(), key=lambda r: r.key) == latents
