@@ -95,8 +95,8 @@ def main() -> None:
     model = resolve_model(ModelConfig())
     make_images(tmp / "warmup", 16, seed=1)
     make_images(tmp / "data", args.images, seed=0)
-    warmup = load_dataset(DatasetConfig(source=str(tmp / "warmup")))
-    images = load_dataset(DatasetConfig(source=str(tmp / "data")))
+    warmup = list(load_dataset(DatasetConfig(source=str(tmp / "warmup"))))
+    images = list(load_dataset(DatasetConfig(source=str(tmp / "data"))))
 
     @flow(name="latent-throughput")
     def bench() -> list[tuple[str, float]]:

@@ -16,7 +16,7 @@ from prefect.runtime import deployment, flow_run
 
 from loraflow.buckets import cut_size, plan_buckets
 from loraflow.config import RunConfig
-from loraflow.dataset import load_dataset, read_sample_prompts
+from loraflow.dataset import Images, load_dataset, read_sample_prompts
 from loraflow.families import get_family, pick_device
 from loraflow.live import live_run
 from loraflow.metrics import import_wandb
@@ -26,7 +26,7 @@ from loraflow.precision import check_precision
 from loraflow.remote import storage_options
 from loraflow.run_logs import send_to_runs
 from loraflow.hashing import sha256_bytes
-from loraflow.host_memory import return_freed_memory
+from loraflow.host_memory import return_freed_memory, trim
 from loraflow.report import Report, SampleRow, StageRunner
 from loraflow.shards import store_shards
 from loraflow.store import ListRef, Store
@@ -74,7 +74,7 @@ class Inputs:
     store: Store
     model: Any  # loraflow.models.ResolvedModel: each component's local path and fingerprint
     buckets: list | None
-    images: list
+    images: Images
     sample_prompts: list[str]
 
 
@@ -109,13 +109,15 @@ def stages(cfg: RunConfig, inputs: Inputs, run: StageRunner) -> Outputs:
     text = dict(family=model.family, text_encoder=model.text_encoder, settings=cfg.encoder, store=store)
     vae = dict(family=model.family, vae=model.vae, resolution=cfg.dataset.resolution,
                center_crop=cfg.dataset.center_crop, flip=cfg.dataset.flip, store=store,
-               batch_size=cfg.dataset.encode_batch_size, buckets=inputs.buckets)
+               batch_size=cfg.dataset.encode_batch_size, buckets=inputs.buckets,
+               helpers=cfg.dataset.helpers)
 
     # Captions and images are cut into content-defined shards, each stored as one list and handed to
     # its task by reference; lists are in content order, so renaming or reordering files changes no key.
     size = cfg.dataset.shard_size
-    caption_shards = store_shards(store, sorted({i.caption for i in images}), lambda c: sha256_bytes(c.encode()), size)
-    image_shards = store_shards(store, sorted(images, key=lambda i: i.sha256), lambda i: i.sha256, size)
+    caption_shards = store_shards(store, images.captions, lambda c: sha256_bytes(c.encode()), size)
+    by_content = sorted(range(len(images)), key=images.sha256.__getitem__)
+    image_shards = store_shards(store, by_content, images.sha256.__getitem__, size, stored=images.items)
     caption_parts, latent_parts = run.map(  # on the task runner: threads here, or Dask workers
         cfg.runner,
         [(encode_prompts, dict(prompts=ref, role=f"captions {label}", **text)) for label, ref in caption_shards.items()],
@@ -126,6 +128,7 @@ def stages(cfg: RunConfig, inputs: Inputs, run: StageRunner) -> Outputs:
 
     examples = store_examples(store, images, caption_parts, latent_parts, cfg.dataset.resolution, inputs.buckets)
     del caption_parts, latent_parts  # one ref per image each: not kept alive beside the train stage
+    trim()
     weights = run(train, family=model.family, denoiser=model.denoiser, examples=examples,
                   null=null if cfg.train.caption_dropout > 0 else None, hp=cfg.train, store=store)
     samples = None
@@ -136,15 +139,17 @@ def stages(cfg: RunConfig, inputs: Inputs, run: StageRunner) -> Outputs:
     return Outputs(weights, samples)
 
 
-def store_examples(store: Store, images: list, caption_parts: list, latent_parts: list, resolution: int,
+def store_examples(store: Store, images: Images, caption_parts: list, latent_parts: list, resolution: int,
                    buckets: list | None) -> ListRef:
     """The training examples, one per image, joined by content (its latent, its caption's
     embedding), in content order (not by name), stored as one table."""
     captions = {prompt: ref for part in caption_parts for prompt, ref in part.items.items()}
+    embeddings = [captions[caption] for caption in images.captions]
     latents = {sha: (key, digest) for part in latent_parts
                for sha, key, digest in zip(part.images, part.latents, part.checksums)}
-    return Examples.from_rows((i.name, *latents[i.sha256], captions[i.caption],
-                               cut_size(i.height, i.width, resolution, buckets)) for i in images).stored(store)
+    rows = zip(images.names, images.sha256, images.caption, images.heights, images.widths)
+    return Examples.from_rows((name, *latents[sha], embeddings[caption], cut_size(height, width, resolution, buckets))
+                              for name, sha, caption, height, width in rows).stored(store)
 
 
 def now() -> str:

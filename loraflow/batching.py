@@ -10,10 +10,13 @@ and thread count: a different shape can pick a different kernel, which rounds di
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
+import ctypes
+import multiprocessing
+import signal
+import sys
 import threading
 from typing import TypeVar
 
@@ -40,11 +43,16 @@ def batch_size_for(configured: int | None, device: torch.device, gpu_default: in
 STOP = threading.Event()
 
 
+def check_stop() -> None:
+    """Raise KeyboardInterrupt if the run was told to stop (`STOP`): called between batches."""
+    if STOP.is_set():
+        raise KeyboardInterrupt("the run was stopped")
+
+
 def chunks(items: Sequence[T], size: int) -> Iterator[list[T]]:
     """`items` in order, `size` at a time (the last chunk may be shorter)."""
     for start in range(0, len(items), size):
-        if STOP.is_set():
-            raise KeyboardInterrupt("the run was stopped")
+        check_stop()
         yield list(items[start : start + size])
 
 
@@ -57,10 +65,10 @@ def padded_pass(forward: Callable[[list[T]], Sequence[R]], inputs: list[T], size
     return list(outputs[: len(inputs)])
 
 
-# Threads reading, decoding and writing beside the encoder. On local disks that work is mostly
-# Python holding the GIL, which the encoder needs between its kernels: one thread overlaps what
-# releases the GIL (decoding, file I/O) and a second only slows the encoder (bench/latent_throughput.py:
-# 0.81x the bare loop with one, 0.73x with two). Reads and writes over a network wait instead.
+# Threads writing beside the encoder (images are read and cut in DataLoader worker processes). On
+# local disks a write is mostly Python holding the GIL, which the encoder needs between its kernels:
+# one thread overlaps what releases it (hashing, file I/O) and a second only slows the encoder
+# (bench/latent_throughput.py). Writes over a network wait instead, so there are two.
 LOCAL_IO_THREADS = 1
 REMOTE_IO_THREADS = 2
 
@@ -71,10 +79,15 @@ def io_threads(*remote: bool) -> int:
 
 
 @contextmanager
-def worker_pool(threads: int) -> Iterator[ThreadPoolExecutor]:
-    """`threads` threads for reading, decoding and writing beside the encoder (`io_threads`). On
-    an error or a signal, work not yet started is dropped rather than waited for."""
-    pool = ThreadPoolExecutor(threads, thread_name_prefix="loraflow-io")
+def worker_pool(workers: int, processes: bool = False) -> Iterator[Executor]:
+    """`workers` threads, or (on Linux, where processes may be started) helper processes, working
+    beside the encoder. Helpers are forked: they start with this process's memory (the store, the
+    digests' location) and nothing to import. On an error or a signal, work not yet started is
+    dropped rather than waited for."""
+    if processes and sys.platform == "linux" and may_start_processes():
+        pool: Executor = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), initializer=_helper_started)
+    else:
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="loraflow-io")
     try:
         yield pool
     except BaseException:
@@ -83,16 +96,16 @@ def worker_pool(threads: int) -> Iterator[ThreadPoolExecutor]:
     pool.shutdown(wait=True)
 
 
-def prefetched(pool: ThreadPoolExecutor, batches: Iterator[list[T]], load: Callable[[T], R]
-               ) -> Iterator[tuple[list[T], list[R]]]:
-    """Each batch with its items loaded by `load` in the pool, the next batch loading while the
-    caller works on this one (one batch ahead, so memory stays at two batches)."""
-    ahead: deque[tuple[list[T], Future]] = deque()
-    for batch in batches:
-        ahead.append((batch, pool.submit(lambda items: [load(item) for item in items], batch)))
-        if len(ahead) > 1:
-            done, future = ahead.popleft()
-            yield done, future.result()
-    while ahead:
-        done, future = ahead.popleft()
-        yield done, future.result()
+def may_start_processes() -> bool:
+    """False inside a daemon process, such as a Dask worker, which may not start processes of its own."""
+    return not multiprocessing.current_process().daemon
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def _helper_started() -> None:
+    """In a helper process: leave SIGINT (a terminal's Ctrl-C reaches the whole group) to the run,
+    which stops its helpers, and die with the thread that started it, so a killed run leaves none."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

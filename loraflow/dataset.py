@@ -8,11 +8,14 @@ Layouts (a local path or any fsspec URL):
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import os
 import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from loraflow.builtin import BUILTIN_PREFIX, build_once, cache_root
 from loraflow.config import DatasetConfig, SampleConfig
-from loraflow.digests import digests, remote_stamp, version
+from loraflow.digests import digests, stamp_of, version
 from loraflow.hashing import sha256_bytes
 from loraflow.listing import ls
 from loraflow.progress import Progress
@@ -35,6 +38,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 # How `to_pixels` reads image bytes; part of every image's identity in keys, so raising it (whenever
 # that reading changes) re-encodes every latent. 2: EXIF orientation, 16-bit greys, transparency.
 PIXELS_VERSION = 2
+READ_CHUNK = 256  # images read (concurrently, on an object store) and checked at a time
 
 
 class DatasetError(ValueError):
@@ -53,10 +57,47 @@ class ImageItem(BaseModel):
         return f"{self.sha256}:pixels-v{PIXELS_VERSION}"
 
 
-_IMAGES = TypeAdapter(list[ImageItem])
+@dataclass
+class Images:
+    """A dataset's images as columns, in name order: 100,000 images are a few lists of strings and
+    numbers, not a model per image. Indexing or iterating gives `ImageItem`s, made when asked for."""
+
+    base: str  # the folder: image i is at `{base}/{names[i]}`
+    names: list[str]
+    sha256: list[str]
+    captions: list[str]  # the distinct captions, sorted
+    caption: list[int]  # each image's index in `captions`
+    heights: list[int]  # upright, as a viewer shows it
+    widths: list[int]
+
+    @classmethod
+    def of(cls, base: str, rows: list[tuple[str, str, str, int, int]]) -> Images:
+        """From (name, sha256, caption, height, width) rows."""
+        rows = sorted(rows)
+        captions = sorted({row[2] for row in rows})
+        index = {caption: i for i, caption in enumerate(captions)}
+        return cls(base=base, names=[row[0] for row in rows], sha256=[row[1] for row in rows], captions=captions,
+                   caption=[index[row[2]] for row in rows], heights=[row[3] for row in rows],
+                   widths=[row[4] for row in rows])
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> ImageItem:
+        return ImageItem(name=self.names[i], url=f"{self.base}/{self.names[i]}", sha256=self.sha256[i],
+                         caption=self.captions[self.caption[i]], height=self.heights[i], width=self.widths[i])
+
+    def __iter__(self) -> Iterator[ImageItem]:
+        return (self[i] for i in range(len(self)))
+
+    def items(self, indices: Iterable[int]) -> list[ImageItem]:
+        return [self[i] for i in indices]
 
 
-def load_dataset(cfg: DatasetConfig, storage_options: dict[str, Any] | None = None) -> list[ImageItem]:
+_IMAGES = TypeAdapter(Images)
+
+
+def load_dataset(cfg: DatasetConfig, storage_options: dict[str, Any] | None = None) -> Images:
     """Every image with its caption and sha256, checked before any task runs.
 
     An image or caption file whose listing stamp (size + ETag or mtime) was read and checked before
@@ -70,7 +111,9 @@ def load_dataset(cfg: DatasetConfig, storage_options: dict[str, Any] | None = No
     try:
         fs, root = url_to_fs(source, **(storage_options or {}))
         fs.invalidate_cache(root)  # a long-lived process must see images added since its last listing
-        listing = {info["name"].rstrip("/").rsplit("/", 1)[-1]: info for info in ls(fs, root)}
+        # {name: (kind, version)}: kept small, 100,000 images' listing is held while they are checked
+        listing = {info["name"].rstrip("/").rsplit("/", 1)[-1]: (info.get("type"), version(info))
+                   for info in ls(fs, root)}
     except FileNotFoundError as exc:
         raise DatasetError(f"dataset.source: {source!r} does not exist") from exc
     except Exception as exc:
@@ -102,19 +145,19 @@ def keep_scan(path: Path, images: bytes) -> None:
     os.replace(partial, path)
 
 
-def listing_fingerprint(listing: dict[str, dict[str, Any]]) -> str | None:
+def listing_fingerprint(listing: dict[str, tuple[str | None, str | None]]) -> str | None:
     """A hash of a folder listing: every entry's name and version (size + ETag or mtime); None if
     the filesystem gives some entry no version. Equal fingerprints, equal scans."""
-    lines = [f"scan-v{PIXELS_VERSION}"]
+    lines = hashlib.sha256(f"scan-v{PIXELS_VERSION}".encode())
     for name in sorted(listing):
-        listed = version(listing[name])
+        listed = listing[name][1]
         if listed is None:
             return None
-        lines.append(f"{name}\t{listed}")
-    return sha256_bytes("\n".join(lines).encode())
+        lines.update(f"\n{name}\t{listed}".encode())
+    return lines.hexdigest()
 
 
-def _scan(fs, root: str, source: str, listing: dict[str, dict[str, Any]]) -> list[ImageItem]:
+def _scan(fs, root: str, source: str, listing: dict[str, tuple[str | None, str | None]]) -> Images:
     """Every image of the listing with its caption, sha256 and size: files whose version was read
     before are not read again; the others are read and checked."""
     base = source.rstrip("/")
@@ -122,7 +165,7 @@ def _scan(fs, root: str, source: str, listing: dict[str, dict[str, Any]]) -> lis
     if not names:
         raise DatasetError(f"dataset.source: no images ({', '.join(IMAGE_EXTENSIONS)}) in {source!r}")
     for name in names:
-        if listing[name].get("type") == "directory":
+        if listing[name][0] == "directory":
             raise DatasetError(f"dataset: {base}/{name} is a directory, not an image")
     if "metadata.jsonl" in listing:
         captions = _jsonl_captions(_cat(fs, root, base, ["metadata.jsonl"])["metadata.jsonl"], f"{base}/metadata.jsonl",
@@ -136,38 +179,45 @@ def _scan(fs, root: str, source: str, listing: dict[str, dict[str, Any]]) -> lis
             if txt not in listing:
                 raise DatasetError(f"dataset: {base}/{name} has no caption file {txt}")
         # A caption file read before, in this version (its stamp), is not read again.
-        stamps = {txt: remote_stamp(f"{base}/{txt}", listing[txt]) for txt in txts.values()}
+        stamps = {txt: stamp_of(f"{base}/{txt}", listing[txt][1]) for txt in txts.values()}
         texts = digests().texts(list(stamps.values()))
         new_txts = [txt for txt in txts.values() if stamps[txt] not in texts]
         read = {txt: _text(data, f"{base}/{txt}").strip() for txt, data in _cat(fs, root, base, new_txts).items()}
         digests().put_texts([(stamps[txt], text) for txt, text in read.items()])
         captions = {name: read[txt] if txt in read else texts[stamps[txt]] for name, txt in txts.items()}
 
-    stamps = {name: _checked(remote_stamp(f"{base}/{name}", listing[name])) for name in names}
+    stamps = {name: _checked(stamp_of(f"{base}/{name}", listing[name][1])) for name in names}
     known = digests().get_many(list(stamps.values()))
     shas = {name: known.get(stamps[name]) for name in names}
     unread = [name for name in names if shas[name] is None]
     sizes: dict[str, tuple[int, int]] = {}
     if unread:
-        data = _cat(fs, root, base, unread)
         progress = Progress(log, f"dataset {base}", len(unread), " images checked")
-        for name in unread:
-            progress.advance()
-            check_image(data[name], f"{base}/{name}")
-            shas[name] = sha256_bytes(data[name])
-            sizes[shas[name]] = upright_size(data[name])
-        digests().put_many([(stamps[name], shas[name]) for name in unread])
+        for chunk, data in _cat_chunks(fs, root, base, unread):
+            for name in chunk:
+                progress.advance()
+                check_image(data[name], f"{base}/{name}")
+                shas[name] = sha256_bytes(data[name])
+                sizes[shas[name]] = upright_size(data[name])
+            # Kept chunk by chunk: a scan stopped by a bad image further on does not check these again.
+            digests().put_many([(stamps[name], shas[name]) for name in chunk])
+            digests().put_image_sizes({shas[name]: sizes[shas[name]] for name in chunk})
         log.info("dataset %s: %d new images checked, %d known", base, len(unread), len(names) - len(unread))
     known_sizes = digests().image_sizes(sorted({shas[n] for n in names} - set(sizes)))
     unsized = [n for n in names if shas[n] not in sizes and shas[n] not in known_sizes]
-    if unsized:  # hashed by a version before sizes were kept
-        data = _cat(fs, root, base, unsized)
-        for name in unsized:
-            sizes[shas[name]] = upright_size(data[name])
-    digests().put_image_sizes(sizes)
+    for chunk, data in _cat_chunks(fs, root, base, unsized):  # hashed by a version before sizes were kept
+        found = {shas[name]: upright_size(data[name]) for name in chunk}
+        digests().put_image_sizes(found)
+        sizes |= found
     sizes |= known_sizes
-    return [ImageItem(name=n, url=f"{base}/{n}", sha256=shas[n], caption=captions[n],
-                      height=sizes[shas[n]][0], width=sizes[shas[n]][1]) for n in names]
+    return Images.of(base, [(n, shas[n], captions[n], *sizes[shas[n]]) for n in names])
+
+
+def _cat_chunks(fs, root: str, base: str, names: list[str]) -> Iterator[tuple[list[str], dict[str, bytes]]]:
+    """`_cat` of `names` READ_CHUNK at a time: 100,000 new images are never in memory at once."""
+    for start in range(0, len(names), READ_CHUNK):
+        chunk = names[start : start + READ_CHUNK]
+        yield chunk, _cat(fs, root, base, chunk)
 
 
 def _cat(fs, root: str, base: str, names: list[str]) -> dict[str, bytes]:

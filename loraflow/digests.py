@@ -37,7 +37,11 @@ def local_stamp(path: Path) -> str:
 
 def remote_stamp(url: str, info: dict[str, Any]) -> str | None:
     """Stamp of an fsspec listing entry, or None when the filesystem reports no version field."""
-    listed = version(info)
+    return stamp_of(url, version(info))
+
+
+def stamp_of(url: str, listed: str | None) -> str | None:
+    """Stamp of the file at `url` in the version `listed` (`version`'s string; None: no stamp)."""
     return f"{url}|{listed}" if listed else None
 
 

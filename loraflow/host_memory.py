@@ -28,3 +28,13 @@ def return_freed_memory() -> bool:
     except (OSError, TypeError, AttributeError):  # not glibc (macOS, musl without it): nothing to set
         return False
     return bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def trim() -> bool:
+    """Hand every free page of the heap back now, not only its top (glibc's `malloc_trim`): after
+    a phase that freed many small blocks (a large dataset's listing and records, parsed and
+    dropped), what the next phase allocates then counts once, not on top of what they left."""
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0))
+    except (OSError, TypeError, AttributeError):
+        return False

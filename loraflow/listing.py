@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
 from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
@@ -34,13 +35,16 @@ def find(fs, path: str) -> dict[str, dict[str, Any]]:
     return found
 
 
-def ls(fs, path: str) -> list[dict[str, Any]]:
-    """The details of every entry in the folder `path`; FileNotFoundError if there is none."""
+def ls(fs, path: str) -> Iterator[dict[str, Any]]:
+    """The details of every entry in the folder `path`, one at a time on a local disk (a caller that
+    keeps a little of each never holds them all); FileNotFoundError if there is none."""
     local = fs._strip_protocol(path) if isinstance(fs, LocalFileSystem) else None
     if local is None or not os.path.isdir(local):
-        return fs.ls(path, detail=True)
+        yield from fs.ls(path, detail=True)
+        return
     with os.scandir(local) as entries:
-        return [_details(entry.path, entry.stat(follow_symlinks=False)) for entry in entries]
+        for entry in entries:
+            yield _details(entry.path, entry.stat(follow_symlinks=False))
 
 
 def details_of(fs, paths: list[str]) -> dict[str, dict[str, Any]] | None:

@@ -32,7 +32,9 @@ def split(items: list[T], digest: Callable[[T], str], bits: int) -> dict[int, li
     return dict(sorted(shards.items()))
 
 
-def store_shards(store: Store, items: list[T], digest: Callable[[T], str], shard_size: int) -> dict[str, ListRef]:
-    """{label ("3/16": shard 3 of 16): its items stored as one list} for `items` in content-defined shards."""
+def store_shards(store: Store, items: list[T], digest: Callable[[T], str], shard_size: int,
+                 stored: Callable[[list[T]], list] = list) -> dict[str, ListRef]:
+    """{label ("3/16": shard 3 of 16): `stored(its items)` stored as one list} for `items` in
+    content-defined shards (`stored` makes what is stored of a shard's items, one shard at a time)."""
     bits = shard_bits(len(items), shard_size)
-    return {f"{index + 1}/{2 ** bits}": store.put_list(part) for index, part in split(items, digest, bits).items()}
+    return {f"{index + 1}/{2 ** bits}": store.put_list(stored(part)) for index, part in split(items, digest, bits).items()}

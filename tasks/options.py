@@ -37,7 +37,10 @@ def retry_if_transient(task, task_run, state) -> bool:
 
 def stage(name: str) -> dict:
     """The `@task` options of stage `name`: `@task(**stage("train"), cache_policy=..., ...)`."""
-    return dict(name=name, retries=RETRIES,
+    # cache_result_in_memory=False: Prefect's in-memory cache of results (up to 1,000 records, shared by
+    # every task run of a flow run) would keep every shard's manifest alive until the flow ends; the
+    # task run's state still holds its own result, for as long as the flow holds that state.
+    return dict(name=name, retries=RETRIES, cache_result_in_memory=False,
                 retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_jitter_factor=0.5,
                 retry_condition_fn=retry_if_transient)
 

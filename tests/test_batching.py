@@ -110,3 +110,45 @@ def test_batch_size_is_in_no_key(stores, tmp_path):
     assert states == {stage: "Completed" for stage in STAGES}
     assert set(objects(fresh)) == set(before)
     assert [r.cache_key for r in report.tasks] == [r.cache_key for r in run(together)[0].tasks]
+
+
+def test_helper_processes_and_a_thread_store_the_same_bytes(stores):
+    """Images cut and latents written by two helper processes, or by a thread of the run's own
+    process (`dataset.helpers: 0`, as inside a Dask worker), are the same objects, byte for byte."""
+    root, family, _, together = stores
+    data = Path(together.dataset.source)
+    for helpers in (0, 2):
+        cfg = config(root / f"helpers-{helpers}", data, family, dataset={"helpers": helpers})
+        report, _ = run(cfg)
+        assert row(report, "latents").computed == 9
+        assert objects(cfg) == objects(together)
+
+
+def test_helper_processes_die_with_a_killed_run():
+    """A run killed with SIGKILL (no chance to stop its helpers) leaves no helper process behind."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    script = ("import os, time\nfrom loraflow.batching import worker_pool\n"
+              "with worker_pool(1, processes=True) as pool:\n"
+              "    print(pool.submit(os.getpid).result(), flush=True)\n    time.sleep(120)\n")
+    run_ = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    helper = int(run_.stdout.readline())
+    assert helper != run_.pid and alive(helper)
+    run_.kill()
+    run_.wait()
+    deadline = time.monotonic() + 30
+    while alive(helper) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(helper)
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie that nobody reaped counts as gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status

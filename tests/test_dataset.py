@@ -72,7 +72,7 @@ def test_a_folder_listed_as_at_its_last_scan_is_not_scanned_again(tmp_path, monk
     shutil.copy(png, tmp_path / "data" / "zz-copy.png")
     (tmp_path / "data" / "zz-copy.txt").write_text("a copy\n")
     added = load_dataset(cfg)
-    assert scans == [1] and added[:-1] == first and (added[-1].name, added[-1].sha256) == ("zz-copy.png", first[0].sha256)
+    assert scans == [1] and list(added)[:-1] == list(first) and (added[-1].name, added[-1].sha256) == ("zz-copy.png", first[0].sha256)
 
     stat = png.stat()
     os.utime(png, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # same bytes, another version
@@ -101,4 +101,32 @@ def test_an_unchanged_dataset_is_scanned_without_reading_a_file(tmp_path, monkey
     edited.write_text("a violet circle, edited\n")
     again = load_dataset(DatasetConfig(source=str(tmp_path / "data")))
     assert read == [edited.name]
-    assert again[0].caption == "a violet circle, edited" and again[1:] == first[1:]
+    assert again[0].caption == "a violet circle, edited" and list(again)[1:] == list(first)[1:]
+
+
+def test_a_scan_stopped_by_a_bad_image_keeps_what_it_checked(tmp_path, monkeypatch):
+    """New images are read and checked a chunk at a time, and each chunk's digests are kept: a bad
+    image further on fails the scan naming it, and the next scan reads none of the chunks before it."""
+    import pytest
+
+    import loraflow.dataset as dataset
+
+    monkeypatch.setattr(dataset, "READ_CHUNK", 2)
+    generate_shapes(tmp_path / "data", variants=1)
+    good = sorted(p.name for p in (tmp_path / "data").glob("*.png"))
+    (tmp_path / "data" / "zz-bad.png").write_bytes(b"not an image")
+    (tmp_path / "data" / "zz-bad.txt").write_text("broken\n")
+    read: list[list[str]] = []
+    real_cat = dataset._cat
+    monkeypatch.setattr(dataset, "_cat", lambda fs, root, base, names: read.append(names) or real_cat(fs, root, base, names))
+
+    with pytest.raises(dataset.DatasetError, match="zz-bad.png"):
+        load_dataset(DatasetConfig(source=str(tmp_path / "data")))
+    images_read = [names for names in read if names[0].endswith(".png")]
+    assert max(map(len, images_read)) == 2 and sum(images_read, []) == [*good, "zz-bad.png"]
+
+    read.clear()
+    (tmp_path / "data" / "zz-bad.png").unlink()
+    (tmp_path / "data" / "zz-bad.txt").unlink()
+    assert [i.name for i in load_dataset(DatasetConfig(source=str(tmp_path / "data")))] == good
+    assert len(sum(read, [])) <= 1  # at most the good image that shared the bad one's chunk
