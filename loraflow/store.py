@@ -36,6 +36,7 @@ import torch
 from fsspec.asyn import AsyncFileSystem
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.filesystems import WritableFileSystem
 from pydantic import BaseModel, PrivateAttr, TypeAdapter
@@ -44,7 +45,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from loraflow import listing
-from loraflow.digests import digests, remote_stamp, version
+from loraflow.digests import digests, stamp_of, version
 from loraflow.hashing import content_key, sha256_bytes
 from loraflow.sealed import seal, sealed_key, unsealed_json
 
@@ -126,6 +127,11 @@ class Store:
     def is_local(self) -> bool:
         return isinstance(self.fs, LocalFileSystem)
 
+    @property
+    def in_memory(self) -> bool:
+        """memory://: held by this process alone, so a helper process's writes would be lost."""
+        return isinstance(self.fs, MemoryFileSystem)
+
     def abs(self, rel: str) -> str:
         return f"{self.root}/{rel}"
 
@@ -138,18 +144,30 @@ class Store:
         return f"objects/{kind}/{key[:2]}/{key}.{ext}"
 
     def put(self, kind: str, key: str, data: bytes, ext: str) -> ObjectRef:
+        written = self.write_object(kind, key, data, ext)
+        self.remember([written])
+        return written[0]
+
+    def write_object(self, kind: str, key: str, data: bytes, ext: str) -> tuple[ObjectRef, str | None]:
+        """Store an object, and say which version of its file was written (`digests.version`), but
+        leave it to `remember` to enter it as known-good: a helper process hands that to the run's."""
         path = self.object_path(kind, key, ext)
         data = seal(data, ext, key)
         digest = sha256_bytes(data)
         self.write_atomic(path, data)
         self.write_atomic(path + ".sha256", digest.encode())  # last: marks the object present
-        # Known-good from here on: a later check of this version of the file does not read it back.
         where = self.abs(path)
         info = (listing.details_of(self.fs, [where]) or {}).get(where) or self.fs.info(where)
-        digests().put(remote_stamp(self.url_of(path), info), digest)
-        if kind in self._listings:
-            self._listings[kind][path] = version(info) or ""
-        return ObjectRef(path=path, key=key, sha256=digest)
+        return ObjectRef(path=path, key=key, sha256=digest), version(info)
+
+    def remember(self, written: list[tuple[ObjectRef, str | None]]) -> None:
+        """Enter objects this machine wrote (`write_object`), in the versions written, as
+        known-good: a later check of those versions does not read them back."""
+        for ref, listed in written:
+            digests().put(stamp_of(self.url_of(ref.path), listed), ref.sha256)
+            kind = ref.path.split("/")[1]
+            if kind in self._listings:
+                self._listings[kind][ref.path] = listed or ""
 
     def find(self, kind: str, key: str, ext: str) -> ObjectRef | None:
         """The stored, intact object for `key`, or None."""
@@ -337,6 +355,11 @@ class Store:
     def put_tensors(self, kind: str, key: str, tensors: dict[str, torch.Tensor],
                     metadata: dict[str, str] | None = None) -> ObjectRef:
         return self.put(kind, key, tensor_bytes(tensors, metadata), "safetensors")
+
+    def write_tensors(self, kind: str, key: str, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> tuple[ObjectRef, str | None]:
+        """`put_tensors`, but to `remember` later (`write_object`)."""
+        return self.write_object(kind, key, tensor_bytes(tensors, metadata), "safetensors")
 
     def read_tensors(self, ref: ObjectRef) -> dict[str, torch.Tensor]:
         return load_safetensors(self.read(ref))

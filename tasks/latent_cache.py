@@ -20,7 +20,6 @@ from prefect import get_run_logger, task
 from loraflow.batching import (GPU_IMAGE_BATCH, batch_size_for, check_stop, chunks, io_threads, may_start_processes,
                                padded_pass, worker_pool)
 from loraflow.buckets import Size, cut_size
-from loraflow.digests import digests
 from loraflow.dataset import DatasetError, ImageItem, read_image, to_pixels
 from loraflow.families import get_family, loaded, pick_device
 from loraflow.hashing import content_key, sha256_bytes
@@ -150,7 +149,10 @@ def encode_latents(todo: list[tuple[ImageItem, str]], sizes: dict[str, Size], fa
         jobs = [(image.url, image.sha256, sizes[image.sha256]) for image, _ in batch]
         return pool.submit(cut_images, jobs, center_crop, flip, store.storage_options)
 
-    with worker_pool(helpers or io_threads(not store.is_local), processes=helpers > 0) as pool:
+    # Helpers share the store and the images through their filesystems: not those held in memory://.
+    in_memory = store.in_memory or any(image.url.startswith("memory://") for image, _ in todo)
+    processes = helpers > 0 and not in_memory
+    with worker_pool(helpers if processes else io_threads(not store.is_local), processes=processes) as pool:
         cuts = deque(cut(batch) for batch in batches[:CUT_AHEAD])
         for i, batch in enumerate(batches):
             check_stop()
@@ -163,21 +165,27 @@ def encode_latents(todo: list[tuple[ImageItem, str]], sizes: dict[str, Size], fa
             writes.append(pool.submit(write_latents, store, jobs, latents, flipped, pixels.tensors))
             progress.advance(len(batch))
             while len(writes) > 2 or (writes and writes[0].done()):  # a failed write stops the run here
-                stored.update(writes.popleft().result())
+                stored.update(remembered(store, writes.popleft().result()))
         for future in writes:
-            stored.update(future.result())
+            stored.update(remembered(store, future.result()))
     return stored
 
 
+def remembered(store: Store, written: dict[str, tuple[ObjectRef, str | None]]) -> dict[str, ObjectRef]:
+    """A batch's written latents, entered in this process's digest table: {image sha256: latent}."""
+    store.remember(list(written.values()))
+    return {sha: ref for sha, (ref, _) in written.items()}
+
+
 def write_latents(store: Store, jobs: list[tuple[str, str, str]], latents: torch.Tensor, flipped: torch.Tensor | None,
-                  cut_tensors: list[dict[str, np.ndarray]]) -> dict[str, ObjectRef]:
-    """Store one batch's latents, each with the tensors of its cut (in a writer process or thread);
-    `jobs` are (image sha256, image name, latent key). {image sha256: stored latent}."""
-    stored = {}
+                  cut_tensors: list[dict[str, np.ndarray]]) -> dict[str, tuple[ObjectRef, str | None]]:
+    """Store one batch's latents, each with the tensors of its cut (in a helper process or a
+    thread); `jobs` are (image sha256, image name, latent key). {image sha256: (stored latent, the
+    version written)}, for the run's process to `remember`."""
+    written = {}
     for i, (sha, name, key) in enumerate(jobs):
         tensors = {**{k: torch.from_numpy(a) for k, a in cut_tensors[i].items()}, "latent": latents[i]}
         if flipped is not None:
             tensors["latent_flipped"] = flipped[i]
-        stored[sha] = store.put_tensors("latents", key, tensors, metadata={"image": name})
-    digests().flush()  # a writer process ends without running atexit: its stamps are kept now
-    return stored
+        written[sha] = store.write_tensors("latents", key, tensors, metadata={"image": name})
+    return written
