@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
-import ctypes
 import multiprocessing
 import signal
 import sys
@@ -21,6 +20,8 @@ import threading
 from typing import TypeVar
 
 import torch
+
+from loraflow.children import die_with_parent
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -101,11 +102,8 @@ def may_start_processes() -> bool:
     return not multiprocessing.current_process().daemon
 
 
-PR_SET_PDEATHSIG = 1  # prctl(2)
-
-
 def _helper_started() -> None:
     """In a helper process: leave SIGINT (a terminal's Ctrl-C reaches the whole group) to the run,
     which stops its helpers, and die with the thread that started it, so a killed run leaves none."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    die_with_parent(signal.SIGKILL)

@@ -16,7 +16,6 @@ results, cache records and report are in the store either way.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import functools
 import logging
@@ -34,12 +33,13 @@ from prefect.settings import (PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_ANAL
                               PREFECT_SERVER_DATABASE_CONNECTION_URL,
                               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings)
 
+from loraflow.children import die_with_parent
+
 logger = logging.getLogger("loraflow.server")
 
 
 def _own_session_dying_with_parent() -> None:  # runs in the child between fork and exec
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    die_with_parent(signal.SIGTERM)
 
 
 class DetachedServer(SubprocessASGIServer):

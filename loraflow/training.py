@@ -35,6 +35,7 @@ from pydantic import BaseModel
 from safetensors.torch import load as load_safetensors
 
 from loraflow.builtin import cache_root
+from loraflow.children import die_with_parent
 from loraflow.config import TrainConfig
 from loraflow.families import _LOADING, get_family
 from loraflow.hashing import content_key
@@ -311,7 +312,7 @@ def launch(job: TrainJob, logger: logging.Logger | logging.LoggerAdapter, progre
         logger.info("training on %d processes: %s", job.hp.processes, " ".join(command[2:]))
         tail: deque[str] = deque(maxlen=40)
         with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              preexec_fn=_die_with_parent) as proc:
+                              preexec_fn=die_with_parent) as proc:
             for line in proc.stdout:
                 line = line.rstrip()
                 tail.append(line)
@@ -323,16 +324,6 @@ def launch(job: TrainJob, logger: logging.Logger | logging.LoggerAdapter, progre
             raise RuntimeError(f"train: the {job.hp.processes} training processes failed "
                                f"(exit code {proc.returncode}):\n" + "\n".join(tail))
         return Weights.model_validate_json(result_file.read_text())
-
-
-def _die_with_parent() -> None:
-    """In the launcher, before it runs: SIGTERM when the task's process dies (even by SIGKILL), which
-    torch's elastic agent passes on to the ranks; a killed run leaves no ranks writing behind it."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 RELAYED = "loraflow| "  # rank 0's log lines, as the launching task relays them

@@ -126,7 +126,6 @@ def test_helper_processes_and_a_thread_store_the_same_bytes(stores):
 
 def test_helper_processes_die_with_a_killed_run():
     """A run killed with SIGKILL (no chance to stop its helpers) leaves no helper process behind."""
-    import os
     import subprocess
     import sys
     import time
