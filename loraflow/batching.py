@@ -66,10 +66,11 @@ def padded_pass(forward: Callable[[list[T]], Sequence[R]], inputs: list[T], size
     return list(outputs[: len(inputs)])
 
 
-# Threads writing beside the encoder (images are read and cut in DataLoader worker processes). On
-# local disks a write is mostly Python holding the GIL, which the encoder needs between its kernels:
-# one thread overlaps what releases it (hashing, file I/O) and a second only slows the encoder
-# (bench/latent_throughput.py). Writes over a network wait instead, so there are two.
+# Threads reading, cutting and writing beside the encoder where no helper process may be started
+# (`worker_pool`). On local disks that work is mostly Python holding the GIL, which the encoder
+# needs between its kernels: one thread overlaps what releases it (decoding, hashing, file I/O) and
+# a second only slows the encoder (bench/latent_throughput.py, stop 18: 0.81x the bare loop with one,
+# 0.73x with two). Reads and writes over a network wait instead, so there are two.
 LOCAL_IO_THREADS = 1
 REMOTE_IO_THREADS = 2
 
