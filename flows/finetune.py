@@ -127,7 +127,8 @@ def stages(cfg: RunConfig, inputs: Inputs, run: StageRunner) -> Outputs:
     null = run(null_embedding, **text) if inputs.sample_prompts or cfg.train.caption_dropout > 0 else None
 
     examples = store_examples(store, images, caption_parts, latent_parts, cfg.dataset.resolution, inputs.buckets)
-    del caption_parts, latent_parts  # one ref per image each: not kept alive beside the train stage
+    del caption_parts, latent_parts  # a column entry per image each: not kept alive beside training
+    store.forget_listings()  # nor the store's listings, a path per object
     trim()
     weights = run(train, family=model.family, denoiser=model.denoiser, examples=examples,
                   null=null if cfg.train.caption_dropout > 0 else None, hp=cfg.train, store=store)

@@ -324,6 +324,12 @@ class Store:
                 _LISTINGS[self.url, self.opened] = {}
             return _LISTINGS[self.url, self.opened]
 
+    def forget_listings(self) -> None:
+        """Drop this run's listings (a kind used again is listed anew): the latents' listing holds
+        a path and a version per image, which training has no use for."""
+        with _LISTINGS_LOCK:
+            _LISTINGS.pop((self.url, self.opened), None)
+
     def put_list(self, items: list) -> ListRef:
         """Store a long list (pydantic models or plain JSON values) as one sealed JSON object and
         return the reference tasks are handed instead of the list. The object is named by its
