@@ -144,25 +144,25 @@ def encode_latents(todo: list[tuple[ImageItem, str]], sizes: dict[str, Size], fa
     writes: deque[Future] = deque()  # each batch's writes: {image sha256: stored latent}
     progress = Progress(get_run_logger(), "latents", len(todo), " encoded")
     helpers = helper_processes(helpers)
-
-    def cut(batch: list[tuple[ImageItem, str]]) -> Future:
-        jobs = [(image.url, image.sha256, sizes[image.sha256]) for image, _ in batch]
-        return pool.submit(cut_images, jobs, center_crop, flip, store.storage_options)
-
     # Helpers share the store and the images through their filesystems: not those held in memory://.
     in_memory = store.in_memory or any(image.url.startswith("memory://") for image, _ in todo)
     processes = helpers > 0 and not in_memory
     with worker_pool(helpers if processes else io_threads(not store.is_local), processes=processes) as pool:
-        cuts = deque(cut(batch) for batch in batches[:CUT_AHEAD])
+
+        def cut(batch: list[tuple[ImageItem, str]]) -> Future:
+            jobs = [(image.url, image.sha256, sizes[image.sha256]) for image, _ in batch]
+            return pool.submit(cut_images, jobs, center_crop, flip, store.storage_options)
+
+        cutting = deque(cut(batch) for batch in batches[:CUT_AHEAD])
         for i, batch in enumerate(batches):
             check_stop()
-            pixels = cuts.popleft().result()  # a bad image's error is raised here, naming the file
+            cuts = cutting.popleft().result()  # a bad image's error is raised here, naming the file
             if i + CUT_AHEAD < len(batches):
-                cuts.append(cut(batches[i + CUT_AHEAD]))
-            latents = encode(pixels.pixels)
-            flipped = encode(pixels.mirrored) if flip else None
+                cutting.append(cut(batches[i + CUT_AHEAD]))
+            latents = encode(cuts.pixels)
+            flipped = encode(cuts.mirrored) if flip else None
             jobs = [(image.sha256, image.name, key) for image, key in batch]
-            writes.append(pool.submit(write_latents, store, jobs, latents, flipped, pixels.tensors))
+            writes.append(pool.submit(write_latents, store, jobs, latents, flipped, cuts.tensors))
             progress.advance(len(batch))
             while len(writes) > 2 or (writes and writes[0].done()):  # a failed write stops the run here
                 stored.update(remembered(store, writes.popleft().result()))
