@@ -148,13 +148,13 @@ def keep_scan(path: Path, images: bytes) -> None:
 def listing_fingerprint(listing: dict[str, tuple[str | None, str | None]]) -> str | None:
     """A hash of a folder listing: every entry's name and version (size + ETag or mtime); None if
     the filesystem gives some entry no version. Equal fingerprints, equal scans."""
-    lines = hashlib.sha256(f"scan-v{PIXELS_VERSION}".encode())
+    h = hashlib.sha256(f"scan-v{PIXELS_VERSION}".encode())  # line by line, never the whole text at once
     for name in sorted(listing):
         listed = listing[name][1]
         if listed is None:
             return None
-        lines.update(f"\n{name}\t{listed}".encode())
-    return lines.hexdigest()
+        h.update(f"\n{name}\t{listed}".encode())
+    return h.hexdigest()
 
 
 def _scan(fs, root: str, source: str, listing: dict[str, tuple[str | None, str | None]]) -> Images:
