@@ -82,11 +82,11 @@ def io_threads(*remote: bool) -> int:
 
 @contextmanager
 def worker_pool(workers: int, processes: bool = False) -> Iterator[Executor]:
-    """`workers` threads, or (on Linux, where processes may be started) helper processes, working
-    beside the encoder. Helpers are forked: they start with this process's memory (the store, the
-    digests' location) and nothing to import. On an error or a signal, work not yet started is
-    dropped rather than waited for."""
-    if processes and sys.platform == "linux" and may_start_processes():
+    """`workers` threads, or helper processes (where `may_start_processes`), working beside the
+    encoder. Helpers are forked: they start with this process's memory (the store, the digests'
+    location) and nothing to import. On an error or a signal, work not yet started is dropped
+    rather than waited for."""
+    if processes:
         pool: Executor = ProcessPoolExecutor(workers, multiprocessing.get_context("fork"), initializer=_helper_started)
     else:
         pool = ThreadPoolExecutor(workers, thread_name_prefix="loraflow-io")
@@ -99,8 +99,9 @@ def worker_pool(workers: int, processes: bool = False) -> Iterator[Executor]:
 
 
 def may_start_processes() -> bool:
-    """False inside a daemon process, such as a Dask worker, which may not start processes of its own."""
-    return not multiprocessing.current_process().daemon
+    """Whether helper processes may be used: on Linux (forked, and dying with the run), and not
+    inside a daemon process, such as a Dask worker, which may not start processes of its own."""
+    return sys.platform == "linux" and not multiprocessing.current_process().daemon
 
 
 def _helper_started() -> None:

@@ -88,9 +88,8 @@ class Digests:
             self._db.execute("CREATE TABLE IF NOT EXISTS texts "
                              "(stamp TEXT PRIMARY KEY, text TEXT NOT NULL, verified REAL NOT NULL)")
             self._db.execute("DROP TABLE IF EXISTS digests")  # v1: no verification time, cannot be pruned
-            for table in ("digests_v2", "texts"):  # so that pruning reads only what it deletes
+            for table in ("digests_v2", "texts"):  # pruned through an index: reads only what it deletes
                 self._db.execute(f"CREATE INDEX IF NOT EXISTS {table}_verified ON {table} (verified)")
-            for table in ("digests_v2", "texts"):
                 self._db.execute(f"DELETE FROM {table} WHERE verified < ?", (time.time() - self.KEEP_DAYS * 86400,))
 
     def get(self, stamp: str | None) -> str | None:

@@ -23,18 +23,21 @@ TRIM_THRESHOLD = 1 << 20
 
 def return_freed_memory() -> bool:
     """Set glibc's trim threshold for this process (True if set; False on another C library)."""
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    except (OSError, TypeError, AttributeError):  # not glibc (macOS, musl without it): nothing to set
-        return False
-    return bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    mallopt = _glibc("mallopt")
+    return bool(mallopt and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
 def trim() -> bool:
     """Hand every free page of the heap back now, not only its top (glibc's `malloc_trim`): after
     a phase that freed many small blocks (a large dataset's listing and records, parsed and
     dropped), what the next phase allocates then counts once, not on top of what they left."""
+    malloc_trim = _glibc("malloc_trim")
+    return bool(malloc_trim and malloc_trim(0))
+
+
+def _glibc(name: str):
+    """The C library's function `name`, or None where there is none (not glibc: macOS, musl)."""
     try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0))
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c")), name)
     except (OSError, TypeError, AttributeError):
-        return False
+        return None

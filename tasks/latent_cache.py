@@ -89,11 +89,12 @@ def cut_images(images: list[tuple[str, str, Size]], center_crop: bool, flip: boo
     return Cuts(torch.stack(pixels).numpy(), torch.stack(mirrored).numpy() if flip else None, tensors)
 
 
-def helper_processes(configured: int | None) -> int:
+def helper_processes(configured: int | None, in_memory: bool) -> int:
     """Processes that read and cut images and write latents while the VAE encodes: the configured
-    number, or one per core beside the encoder's, up to HELPERS; 0 (one thread instead) where no
-    process may be started."""
-    if not may_start_processes():
+    number, or one per core beside the encoder's, up to HELPERS. 0 (threads instead) where no
+    process may be started, and where the store or the images are in memory:// (held by this
+    process alone: a helper's writes would be lost)."""
+    if in_memory or not may_start_processes():
         return 0
     if configured is not None:
         return configured
@@ -143,11 +144,10 @@ def encode_latents(todo: list[tuple[ImageItem, str]], sizes: dict[str, Size], fa
     stored: dict[str, ObjectRef] = {}
     writes: deque[Future] = deque()  # each batch's writes: {image sha256: stored latent}
     progress = Progress(get_run_logger(), "latents", len(todo), " encoded")
-    helpers = helper_processes(helpers)
-    # Helpers share the store and the images through their filesystems: not those held in memory://.
     in_memory = store.in_memory or any(image.url.startswith("memory://") for image, _ in todo)
-    processes = helpers > 0 and not in_memory
-    with worker_pool(helpers if processes else io_threads(not store.is_local), processes=processes) as pool:
+    helpers = helper_processes(helpers, in_memory)
+    remote_images = any("://" in image.url for image, _ in todo)
+    with worker_pool(helpers or io_threads(remote_images, not store.is_local), processes=helpers > 0) as pool:
 
         def cut(batch: list[tuple[ImageItem, str]]) -> Future:
             jobs = [(image.url, image.sha256, sizes[image.sha256]) for image, _ in batch]
