@@ -82,16 +82,13 @@ def run_bare(root: Path, steps: int, resolution: int) -> dict:
     from peft import LoraConfig
 
     from loraflow.manifests import Examples
-    from loraflow.sealed import unsealed_json
     from loraflow.store import Store
 
     store = Store(str(root / "store"))
-    (listed,) = [p for p in (root / "store" / "objects" / "lists").rglob("*.json")
-                 if b'"latent_sha256"' in p.read_bytes()]  # the training examples of the loraflow run
-
-    examples = Examples.model_validate_json(unsealed_json(listed.read_bytes()))
+    (listed,) = (root / "store" / "objects" / "lists").rglob("*.safetensors")  # the loraflow run's examples table
+    examples = Examples.parse(listed.read_bytes())
     latents = torch.stack([store.read_tensors(examples.latent(i))["latent"] for i in range(len(examples))])
-    embeds = torch.stack([store.read_tensors(examples.captions[c])["prompt_embeds"] for c in examples.caption])
+    embeds = torch.stack([store.read_tensors(examples.caption_of(i))["prompt_embeds"] for i in range(len(examples))])
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_pretrained(root / "model", subfolder="unet")

@@ -336,21 +336,18 @@ class Store:
         bytes; an identical one already stored and verified on this machine is not written again."""
         return self.put_named(list_bytes(items), count=len(items), identity=content_key("list", items))
 
-    def put_named(self, data: bytes, count: int, identity: str) -> ListRef:
-        """Store `data` (JSON of `count` items whose content is `identity`) as one object named by
-        its bytes, unless an identical one is stored and verified on this machine."""
+    def put_named(self, data: bytes, count: int, identity: str, ext: str = "json") -> ListRef:
+        """Store `data` (`count` items whose content is `identity`, as JSON or as a safetensors
+        table) as one object named by its bytes, unless an identical one is stored and verified on
+        this machine."""
         key = sha256_bytes(data)
-        ref = self.find_many("lists", [key], "json").get(key) or self.put("lists", key, data, "json")
+        ref = self.find_many("lists", [key], ext).get(key) or self.put("lists", key, data, ext)
         return ListRef(ref=ref, count=count, identity=identity)
 
     def read_list(self, listed: ListRef, item_type: type | None = None) -> list:
         """The items of a stored list, checked like every read; `item_type` validates each one."""
         items = self.read_json(listed.ref)
         return [item_type.model_validate(i) for i in items] if item_type else items
-
-    def read_model(self, listed: ListRef, model: type[M]) -> M:
-        """A stored value (`put_named`) as `model`, parsed from the checked bytes in one pass."""
-        return model.model_validate_json(unsealed_json(self.read(listed.ref)))
 
     def put_json(self, kind: str, key: str, value: Any) -> ObjectRef:
         return self.put(kind, key, json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode(), "json")

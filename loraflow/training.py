@@ -82,7 +82,7 @@ def run(job: TrainJob, accelerator: Accelerator, logger: logging.Logger | loggin
     store = Store(job.store_url, job.storage_options)
 
     # Data: everything comes from the store by the refs upstream handed us, read as steps need it.
-    data = StoreExamples(store, store.read_model(job.examples, Examples), budget_bytes=hp.data_cache_mb * 2**20)
+    data = StoreExamples(store, Examples.read(store, job.examples), budget_bytes=hp.data_cache_mb * 2**20)
     buckets = data.buckets()  # example indices per size
     if hp.caption_dropout > 0 and job.null is None:
         raise ValueError("train.caption_dropout > 0 needs the null embedding")

@@ -5,8 +5,7 @@ embedding are read from the store (checked against their checksum and key, as ev
 first time a step needs them and kept in a least-recently-used cache of at most `budget_bytes`;
 a batch's missing items are fetched concurrently, which hides object-store latency. Memory is set
 by the budget, not by the dataset: 100 images or 100,000 use the same. What is kept per example
-is its latent's key and checksum as fixed-width bytes, its caption's index and its size: under 150
-bytes, 15 MB for 100,000 images.
+is its row of the `Examples` table (numpy columns): under 150 bytes, 14 MB for 100,000 images.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from loraflow.manifests import Examples, latent_path
+from loraflow.manifests import Examples
 from loraflow.store import ObjectRef, Store
 
 Tensors = dict[str, torch.Tensor]
@@ -28,29 +27,23 @@ class StoreExamples(torch.utils.data.Dataset):
 
     def __init__(self, store: Store, examples: Examples, budget_bytes: int, readers: int = 8):
         self.store = store
-        self.latent_keys = np.array(examples.latents, dtype="S")  # hex: one byte a character
-        self.latent_sha256 = np.array(examples.latent_sha256, dtype="S")
-        self.captions = examples.captions
-        self.caption = np.array(examples.caption, dtype=np.int32)
-        self.sizes = np.array(examples.sizes, dtype=np.int32).reshape(-1, 2)
+        self.examples = examples
         self.budget_bytes = budget_bytes
         self.cached: OrderedDict[str, Tensors] = OrderedDict()  # object key -> tensors, oldest first
         self.cached_bytes = 0
         self.readers = ThreadPoolExecutor(readers, thread_name_prefix="loraflow-read")
 
     def __len__(self) -> int:
-        return len(self.latent_keys)
+        return len(self.examples)
 
     def buckets(self) -> list[list[int]]:
         """Example indices by the size they were cut to, smallest size first."""
-        sizes, which = np.unique(self.sizes, axis=0, return_inverse=True)
+        sizes, which = np.unique(self.examples.sizes, axis=0, return_inverse=True)
         return [np.flatnonzero(which.ravel() == i).tolist() for i in range(len(sizes))]
 
     def refs(self, index: int) -> tuple[ObjectRef, ObjectRef]:
         """Example `index`'s latent and caption embedding."""
-        key = self.latent_keys[index].decode()
-        latent = ObjectRef(path=latent_path(key), key=key, sha256=self.latent_sha256[index].decode())
-        return latent, self.captions[self.caption[index]]
+        return self.examples.latent(index), self.examples.caption_of(index)
 
     def __getitem__(self, index: int) -> tuple[Tensors, Tensors]:
         return self.__getitems__([index])[0]

@@ -32,7 +32,7 @@ def embedding_key(family: str, text_encoder: Component, settings: EncoderConfig,
 def predict(prompts: ListRef, family: str, text_encoder: Component, settings: EncoderConfig, store: Store,
             role: str) -> Embeddings:
     """What the task would return, by key (for `loraflow plan`)."""
-    return Embeddings(items={p: planned("embeddings", embedding_key(family, text_encoder, settings, p), "safetensors")
+    return Embeddings.of({p: planned("embeddings", embedding_key(family, text_encoder, settings, p), "safetensors")
                              for p in store.read_list(prompts)})
 
 
@@ -57,6 +57,6 @@ def encode_prompts(prompts: ListRef, family: str, text_encoder: Component, setti
                 items[prompt] = store.put_tensors("embeddings", key, tensors)
             progress.advance(len(batch))
     logger.info("%s: %d prompt(s) encoded, %d reused", role, len(todo), len(items) - len(todo))
-    result = Embeddings(items=items, computed=len(todo), reused=len(items) - len(todo))
+    result = Embeddings.of(items, computed=len(todo), reused=len(items) - len(todo))
     store.vouch_for(result.refs())
     return result

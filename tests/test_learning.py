@@ -18,7 +18,6 @@ from loraflow.builtin import builtin_path
 from loraflow.dataset import COLOURS, builtin_dataset, load_dataset, to_pixels
 from loraflow.manifests import Examples
 from loraflow.models import resolve_model
-from loraflow.sealed import unsealed_json
 from loraflow.store import Store, safetensors_metadata
 from tasks.encode_prompts import embedding_key
 from tests.helpers import run, small_config
@@ -86,10 +85,9 @@ def test_samples_take_the_colour_their_prompt_names(tmp_path, method):
 
     store, model = Store(cfg.store), resolve_model(cfg.model)
     captions = {i.name: i.caption for i in load_dataset(cfg.dataset)}
-    (trained,) = [p for p in (tmp_path / "store" / "objects" / "lists").rglob("*.json")
-                  if b'"latent_sha256"' in p.read_bytes()]  # the examples table
-    examples = Examples.model_validate_json(unsealed_json(trained.read_bytes()))
-    for i, image in enumerate(examples.images):
-        assert safetensors_metadata(store.read(examples.latent(i)))["image"] == image
-        caption = examples.captions[examples.caption[i]]
+    (trained,) = (tmp_path / "store" / "objects" / "lists").rglob("*.safetensors")  # the examples table
+    examples = Examples.parse(trained.read_bytes())
+    for i in range(len(examples)):
+        image = safetensors_metadata(store.read(examples.latent(i)))["image"]
+        caption = examples.caption_of(i)
         assert caption.key == embedding_key(model.family, model.text_encoder, cfg.encoder, captions[image])
