@@ -11,8 +11,9 @@ the tiny SD model (one Prefect server, in a process of its own, for the whole be
 - the first re-run after the cold run and a steady re-run, nothing changed, each minus the floor
   (a no-op run of a six-task cached flow on the same server);
 - a re-run after one image was added;
-- peak RSS of a run in which only training runs, in a fresh process (as a deployment runs it), and
-  how much of it training adds to what the flow's process held when training started.
+- peak RSS of a run in which only training runs, in a fresh process (as a deployment runs it):
+  of the whole run, and from when training started until it ended (Linux's VmHWM, reset then), with
+  what the flow's process held when training started.
 Then the sharded stages on Prefect task runners, cold, on `--dask-images` images: one thread
 (torch on one thread) against a local Dask cluster of two worker processes of one thread each.
 Prints markdown tables and the load average.
@@ -88,16 +89,16 @@ def floor_seconds() -> float:
     return timed(six)[0]
 
 
-def train_only_peak_rss_mib(cfg) -> tuple[float, float]:
-    """(peak resident memory, resident memory when training started) of a run in which only
-    training (and sampling) runs, in a process of its own as a deployment's run is (the bench's own
-    process holds what its earlier runs left). Their difference is what training itself adds."""
+def train_only_peak_rss_mib(cfg) -> tuple[float, float, float]:
+    """(peak resident memory of the whole run, peak while training ran, resident memory when it
+    started) of a run in which only training (and sampling) runs, in a process of its own as a
+    deployment's run is (the bench's own process holds what its earlier runs left)."""
     out = subprocess.run([sys.executable, __file__, "--train-only-child", cfg.model_dump_json()],
                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
     if out.returncode:
         raise SystemExit(f"train-only run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    peak, started = out.stdout.strip().splitlines()[-1].split()
-    return float(peak), float(started)
+    peak, training, started = out.stdout.strip().splitlines()[-1].split()
+    return float(peak), float(training), float(started)
 
 
 def train_only_child(cfg_json: str) -> None:
@@ -106,16 +107,22 @@ def train_only_child(cfg_json: str) -> None:
     from flows.finetune import finetune
     from loraflow.config import RunConfig
 
-    started = []
+    measured = {}
     train = training.run
 
-    def run(*args, **kwargs):  # the train task's loop: what the flow's process holds as it starts
-        started.append(status_mib("VmRSS"))
-        return train(*args, **kwargs)
+    def run(*args, **kwargs):  # the train task's loop, from the memory the flow's process holds as it starts
+        measured["before"] = status_mib("VmHWM")
+        measured["started"] = status_mib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak (VmHWM) starts again from here
+        try:
+            return train(*args, **kwargs)
+        finally:
+            measured["training"] = status_mib("VmHWM")
 
     training.run = run
     finetune(RunConfig.model_validate_json(cfg_json))
-    print(status_mib("VmHWM"), started[0])
+    peak = max(measured["before"], status_mib("VmHWM"))
+    print(peak, measured["training"], measured["started"])
 
 
 def status_mib(field: str) -> float:
@@ -234,11 +241,12 @@ def main() -> None:
     print(f"\ntiny SD, 32 px, train {args.steps} steps; floor (six cached tasks, no-op) {floor:.2f} s; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print("| images | shards | latent cache img/s | bare loop img/s | ratio | cold run s | first re-run − floor s "
-          "| steady re-run − floor s | one image added s | train-only run peak RSS MiB | of which training adds MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for n, shards, cache, bare, cold_s, first, steady, added, (peak, started) in rows:
+          "| steady re-run − floor s | one image added s | train-only run peak RSS MiB | training's peak RSS MiB "
+          "| RSS as training starts MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for n, shards, cache, bare, cold_s, first, steady, added, (peak, training, started) in rows:
         print(f"| {n} | {shards} | {cache:.0f} | {bare:.0f} | {cache / bare:.2f} | {cold_s:.1f} | {first:.2f} "
-              f"| {steady:.2f} | {added:.1f} | {peak:.0f} | {peak - started:.0f} |")
+              f"| {steady:.2f} | {added:.1f} | {peak:.0f} | {training:.0f} | {started:.0f} |")
     if args.dask_images:
         speed = runner_speedup(tmp, args.dask_images)
         print(f"\nsharded stages, cold, {args.dask_images} images (latents and captions), 8 shards")

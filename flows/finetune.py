@@ -21,7 +21,7 @@ from loraflow.dataset import Images, load_dataset, read_sample_prompts
 from loraflow.families import get_family, pick_device
 from loraflow.live import live_run
 from loraflow.metrics import import_wandb
-from loraflow.manifests import Embeddings, Examples, Latents, Samples, Weights, digest_array
+from loraflow.manifests import Embeddings, Examples, Latents, Samples, Weights, digest_array, packed
 from loraflow.models import check_resolution, resolve_model
 from loraflow.precision import check_precision
 from loraflow.remote import storage_options
@@ -75,8 +75,14 @@ class Inputs:
     store: Store
     model: Any  # loraflow.models.ResolvedModel: each component's local path and fingerprint
     buckets: list | None
-    images: Images
+    images: Images | None
     sample_prompts: list[str]
+
+    def take_images(self) -> Images:
+        """The dataset's columns, handed over: from now on only the caller holds them (and lets
+        them go before training, whose memory then does not grow with the dataset)."""
+        images, self.images = self.images, None
+        return images
 
 
 @dataclass
@@ -106,7 +112,7 @@ def read_inputs(cfg: RunConfig, logger) -> Inputs:
 def stages(cfg: RunConfig, inputs: Inputs, run: StageRunner) -> Outputs:
     """The DAG: each task handed the manifests of those before it. `run` runs a task (or, for
     `loraflow plan`, looks its record up and says what it would return)."""
-    store, model, images = inputs.store, inputs.model, inputs.images
+    store, model, images = inputs.store, inputs.model, inputs.take_images()
     text = dict(family=model.family, text_encoder=model.text_encoder, settings=cfg.encoder, store=store)
     vae = dict(family=model.family, vae=model.vae, resolution=cfg.dataset.resolution,
                center_crop=cfg.dataset.center_crop, flip=cfg.dataset.flip, store=store,
@@ -128,8 +134,10 @@ def stages(cfg: RunConfig, inputs: Inputs, run: StageRunner) -> Outputs:
     null = run(null_embedding, **text) if inputs.sample_prompts or cfg.train.caption_dropout > 0 else None
 
     examples = store_examples(store, images, caption_parts, latent_parts, cfg.dataset.resolution, inputs.buckets)
-    del caption_parts, latent_parts  # a column entry per image each: not kept alive beside training
-    store.forget_listings()  # nor the store's listings, a path per object
+    # Training needs none of what was held per image to get here: the dataset's columns, the
+    # shards' manifests, the store's listings. Let them go, and their memory back to the system.
+    del images, by_content, caption_parts, latent_parts
+    store.forget_listings()
     trim()
     weights = run(train, family=model.family, denoiser=model.denoiser, examples=examples,
                   null=null if cfg.train.caption_dropout > 0 else None, hp=cfg.train, store=store)
@@ -145,13 +153,17 @@ def store_examples(store: Store, images: Images, caption_parts: list[Embeddings]
                    resolution: int, buckets: list | None) -> ListRef:
     """The training examples, one per image, joined by content (its latent, its caption's
     embedding) in numpy columns, without a Python object per image, and stored as one table."""
-    # Each image's latent, found by the image's sha256 among those of every shard.
-    shard_images, latents, checksums = (np.concatenate(c) for c in zip(*(part.columns() for part in latent_parts)))
+    # Each image's latent, found by the image's sha256 among those of every shard. (One full-length
+    # column at a time: at 1M images each is 64 MB.)
+    shard_images = digest_array(packed(part.images for part in latent_parts))
     order = np.argsort(shard_images)
-    image_sha256 = digest_array(images.sha256)
+    image_sha256 = digest_array(packed(images.sha256))
     found = order[np.searchsorted(shard_images, image_sha256, sorter=order).clip(max=len(order) - 1)]
     if missing := np.flatnonzero(shard_images[found] != image_sha256)[:1].tolist():
         raise RuntimeError(f"no latent was made for {images.names[missing[0]]}")
+    del shard_images, image_sha256, order
+    latents = digest_array(packed(part.latents for part in latent_parts))[found]
+    checksums = np.concatenate([part.columns()[2] for part in latent_parts])[found]
     # Each distinct caption's embedding, found by its text.
     where = {caption: i for i, caption in enumerate(images.captions)}
     captions, caption_sha256 = np.zeros(len(where), "S64"), np.zeros(len(where), "S64")
@@ -162,7 +174,7 @@ def store_examples(store: Store, images: Images, caption_parts: list[Embeddings]
     # The size each image is cut to, worked out once per distinct image size.
     shapes, which = np.unique(np.array([images.heights, images.widths]).T, axis=0, return_inverse=True)
     cuts = np.array([cut_size(int(h), int(w), resolution, buckets) for h, w in shapes]).reshape(-1, 2)
-    return Examples.of(latents[found], checksums[found], captions, caption_sha256,
+    return Examples.of(latents, checksums, captions, caption_sha256,
                        np.array(images.caption, dtype=np.int32), cuts[which.ravel()]).stored(store)
 
 

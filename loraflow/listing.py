@@ -17,11 +17,16 @@ from typing import Any
 from fsspec.implementations.local import LocalFileSystem
 
 
-def find(fs, path: str) -> dict[str, dict[str, Any]]:
-    """{file path: details} for every file under `path` (none if it does not exist)."""
+def find(fs, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(file path, details) of every file under `path` (none if it does not exist), one at a time
+    on a local disk: a caller that keeps a little of each never holds them all."""
     if not isinstance(fs, LocalFileSystem):
-        return fs.find(path, detail=True)
-    found, folders = {}, [fs._strip_protocol(path)]
+        try:
+            yield from fs.find(path, detail=True).items()
+        except FileNotFoundError:
+            pass
+        return
+    folders = [fs._strip_protocol(path)]
     while folders:
         try:
             with os.scandir(folders.pop()) as entries:
@@ -29,10 +34,9 @@ def find(fs, path: str) -> dict[str, dict[str, Any]]:
                     if entry.is_dir(follow_symlinks=False):
                         folders.append(entry.path)
                     else:
-                        found[entry.path] = _details(entry.path, entry.stat(follow_symlinks=False))
+                        yield entry.path, _details(entry.path, entry.stat(follow_symlinks=False))
         except (FileNotFoundError, NotADirectoryError):
             continue  # removed while listing (or never there): as fsspec's walk does
-    return found
 
 
 def ls(fs, path: str) -> Iterator[dict[str, Any]]:

@@ -163,8 +163,8 @@ class Examples:
         order; not sizes. The key `content_key("list", [{"latent": ..., "caption": ...}, ...])` gives,
         hashed row by row from the columns instead of from a dict per example."""
         digest = hashlib.sha256(b'["list",[')
-        for i, (caption, latent) in enumerate(zip(self.captions[self.caption], self.latents)):
-            digest.update(b'%s{"caption":"%s","latent":"%s"}' % (b"," if i else b"", caption, latent))
+        for i, (caption, latent) in enumerate(zip(self.caption, self.latents)):
+            digest.update(b'%s{"caption":"%s","latent":"%s"}' % (b"," if i else b"", self.captions[caption], latent))
         digest.update(b"]]")
         return digest.hexdigest()
 

@@ -246,7 +246,7 @@ class Store:
         a manifest expects (None if any is unlisted or the filesystem gives no version). Once every
         object of the set was found intact, a later check of the same set in the same versions (a
         shard's record in a no-op run) is one lookup, not one per object."""
-        listed = self._listing(kind, fresh=False)
+        listed = self._versions(kind, list(wanted))
         versions = [listed.get(path) for path in wanted]
         if not all(versions) or not all(wanted.values()):
             return None
@@ -254,6 +254,18 @@ class Store:
         for column in (wanted, wanted.values(), versions):  # paths, checksums, versions: one line each
             h.update("\n".join(column).encode() + b"\0")
         return f"{self.url}|set:{h.hexdigest()}"
+
+    def _versions(self, kind: str, paths: list[str]) -> dict[str, str]:
+        """{path: version} of those of `paths` that are whole objects. On a local disk each is
+        looked at (`lstat`, object and checksum file): a no-op run checks its shards without
+        listing, and holding, every object of the kind. Elsewhere, from the kind's listing."""
+        if kind in self._listings:
+            return self._listings[kind]
+        found = listing.details_of(self.fs, [self.abs(p) for p in paths] + [self.abs(p + ".sha256") for p in paths])
+        if found is None:
+            return self._listing(kind, fresh=False)
+        return {path: version(found[self.abs(path)]) or "" for path in paths
+                if self.abs(path) in found and self.abs(path + ".sha256") in found}
 
     def _intact(self, kind: str, wanted: dict[str, str | None], fresh: bool) -> dict[str, ObjectRef]:
         """{path: ref} for the object paths in `wanted` that the kind's listing (`fresh`: listed
@@ -301,15 +313,18 @@ class Store:
         with _kind_lock(self.url, kind):  # the shards in this process's threads list a kind once
             if fresh or kind not in self._listings:
                 self.fs.invalidate_cache(self.abs(f"objects/{kind}"))  # other runs may have written since
-                try:
-                    found = listing.find(self.fs, self.abs(f"objects/{kind}"))
-                except FileNotFoundError:
-                    found = {}
-                self.sweep_partial(found)
                 skip = len(self.fs._strip_protocol(self.root)) + 1
-                files = {self.fs._strip_protocol(path)[skip:]: info for path, info in found.items()}
-                self._listings[kind] = {path: version(info) or "" for path, info in files.items()
-                                        if path + ".sha256" in files}
+                versions, checksummed, partial = {}, set(), {}
+                for path, info in listing.find(self.fs, self.abs(f"objects/{kind}")):  # one file at a time
+                    rel = self.fs._strip_protocol(path)[skip:]
+                    if PARTIAL in rel.rsplit("/", 1)[-1]:
+                        partial[path] = info
+                    elif rel.endswith(".sha256"):
+                        checksummed.add(rel.removesuffix(".sha256"))
+                    else:
+                        versions[rel] = version(info) or ""
+                self.sweep_partial(partial)
+                self._listings[kind] = {path: v for path, v in versions.items() if path in checksummed}
             return self._listings[kind]
 
     @property
