@@ -32,8 +32,9 @@ class Manifest(BaseModel):
 
 
 class Embeddings(Manifest):
-    """Prompt embeddings as columns, in prompt order: 100,000 captions parse into a list of
-    strings and two packed columns, not a ref per prompt."""
+    """Prompt embeddings as columns, in the order the prompts were given (sample prompts are drawn
+    and shown in it): 100,000 captions parse into a list of strings and two packed columns, not a
+    ref per prompt."""
 
     prompts: list[str]
     embeddings: str  # each prompt's embedding key, packed (`packed`): its object is `embedding_path(key)`
@@ -41,8 +42,8 @@ class Embeddings(Manifest):
 
     @classmethod
     def of(cls, items: dict[str, ObjectRef], computed: int = 0, reused: int = 0) -> Embeddings:
-        """From {prompt: its stored embedding}."""
-        prompts = sorted(items)
+        """From {prompt: its stored embedding}, in that order."""
+        prompts = list(items)
         check_paths(items.values(), embedding_path)
         return cls(prompts=prompts, embeddings=packed(items[p].key for p in prompts),
                    checksums=packed(items[p].sha256 for p in prompts), computed=computed, reused=reused)

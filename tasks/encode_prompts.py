@@ -57,6 +57,6 @@ def encode_prompts(prompts: ListRef, family: str, text_encoder: Component, setti
                 items[prompt] = store.put_tensors("embeddings", key, tensors)
             progress.advance(len(batch))
     logger.info("%s: %d prompt(s) encoded, %d reused", role, len(todo), len(items) - len(todo))
-    result = Embeddings.of(items, computed=len(todo), reused=len(items) - len(todo))
+    result = Embeddings.of({prompt: items[prompt] for prompt in keys}, computed=len(todo), reused=len(items) - len(todo))
     store.vouch_for(result.refs())
     return result

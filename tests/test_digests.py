@@ -37,14 +37,18 @@ def test_a_set_found_intact_is_checked_again_with_one_lookup(tmp_path, monkeypat
     real_get_many = Digests.get_many
     monkeypatch.setattr(Digests, "get_many", lambda self, stamps: looked_up.append(len(stamps)) or real_get_many(self, stamps))
 
-    assert Store(str(tmp_path / "store")).broken(refs) == []  # the next run: one stamp, not five
+    next_run = Store(str(tmp_path / "store"))
+    assert next_run.broken(refs) == []  # the next run: one stamp, not five
     assert looked_up == [1]
+    assert "latents" not in next_run._listings  # on a local disk, from the set's own files: no listing of the kind
 
     (tmp_path / "store" / refs[3].path).write_bytes(b"rewritten")
     looked_up.clear()
     assert Store(str(tmp_path / "store")).broken(refs) == [refs[3]]
     assert looked_up[0] == 1 and 5 in looked_up  # the set's stamp missed: each object's own
     assert Store(str(tmp_path / "store")).broken(refs[:3]) == []  # a set without it is still fine
+    (tmp_path / "store" / (refs[1].path + ".sha256")).unlink()  # its object unchanged, but no longer whole
+    assert Store(str(tmp_path / "store")).broken(refs[:3]) == [refs[1]]
 
 
 def test_batches_larger_than_one_query(tmp_path):
