@@ -261,11 +261,14 @@ class Store:
         listing, and holding, every object of the kind. Elsewhere, from the kind's listing."""
         if kind in self._listings:
             return self._listings[kind]
-        found = listing.details_of(self.fs, [self.abs(p) for p in paths] + [self.abs(p + ".sha256") for p in paths])
-        if found is None:
-            return self._listing(kind, fresh=False)
-        return {path: version(found[self.abs(path)]) or "" for path in paths
-                if self.abs(path) in found and self.abs(path + ".sha256") in found}
+        versions = {}
+        for path in paths:  # one at a time: a shard's thousands of files' details are never all held
+            found = listing.details_of(self.fs, [self.abs(path), self.abs(path + ".sha256")])
+            if found is None:  # not a local disk
+                return self._listing(kind, fresh=False)
+            if len(found) == 2:
+                versions[path] = version(found[self.abs(path)]) or ""
+        return versions
 
     def _intact(self, kind: str, wanted: dict[str, str | None], fresh: bool) -> dict[str, ObjectRef]:
         """{path: ref} for the object paths in `wanted` that the kind's listing (`fresh`: listed
