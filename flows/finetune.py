@@ -124,8 +124,8 @@ def stages(cfg: RunConfig, inputs: Inputs, run: StageRunner) -> Outputs:
     # its task by reference; lists are in content order, so renaming or reordering files changes no key.
     size = cfg.dataset.shard_size
     caption_shards = store_shards(store, images.captions, lambda c: sha256_bytes(c.encode()), size)
-    by_content = sorted(range(len(images)), key=images.sha256.__getitem__)
-    image_shards = store_shards(store, by_content, images.sha256.__getitem__, size, stored=images.items)
+    by_content = np.argsort(digest_array(images.sha256), kind="stable")
+    image_shards = store_shards(store, by_content, images.sha, size, stored=images.items)
     caption_parts, latent_parts = run.map(  # on the task runner: threads here, or Dask workers
         cfg.runner,
         [(encode_prompts, dict(prompts=ref, role=f"captions {label}", **text)) for label, ref in caption_shards.items()],
@@ -161,7 +161,7 @@ def store_examples(store: Store, images: Images, caption_parts: list[Embeddings]
     # column at a time: at 1M images each is 64 MB.)
     shard_images = digest_array(packed(part.images for part in latent_parts))
     order = np.argsort(shard_images)
-    image_sha256 = digest_array(packed(images.sha256))
+    image_sha256 = digest_array(images.sha256)
     found = order[np.searchsorted(shard_images, image_sha256, sorter=order).clip(max=len(order) - 1)]
     if missing := np.flatnonzero(shard_images[found] != image_sha256)[:1].tolist():
         raise RuntimeError(f"no latent was made for {images.names[missing[0]]}")

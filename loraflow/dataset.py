@@ -64,7 +64,7 @@ class Images:
 
     base: str  # the folder: image i is at `{base}/{names[i]}`
     names: list[str]
-    sha256: list[str]
+    sha256: str  # each image's sha256, packed: 64 hex characters an image, one string (`sha(i)`)
     captions: list[str]  # the distinct captions, sorted
     caption: list[int]  # each image's index in `captions`
     heights: list[int]  # upright, as a viewer shows it
@@ -76,15 +76,20 @@ class Images:
         rows = sorted(rows)
         captions = sorted({row[2] for row in rows})
         index = {caption: i for i, caption in enumerate(captions)}
-        return cls(base=base, names=[row[0] for row in rows], sha256=[row[1] for row in rows], captions=captions,
+        return cls(base=base, names=[row[0] for row in rows], sha256="".join(row[1] for row in rows), captions=captions,
                    caption=[index[row[2]] for row in rows], heights=[row[3] for row in rows],
                    widths=[row[4] for row in rows])
 
     def __len__(self) -> int:
         return len(self.names)
 
+    def sha(self, i: int) -> str:
+        """Image `i`'s sha256."""
+        i = range(len(self))[i]  # from the end when negative; IndexError past it
+        return self.sha256[64 * i : 64 * (i + 1)]
+
     def __getitem__(self, i: int) -> ImageItem:
-        return ImageItem(name=self.names[i], url=f"{self.base}/{self.names[i]}", sha256=self.sha256[i],
+        return ImageItem(name=self.names[i], url=f"{self.base}/{self.names[i]}", sha256=self.sha(i),
                          caption=self.captions[self.caption[i]], height=self.heights[i], width=self.widths[i])
 
     def __iter__(self) -> Iterator[ImageItem]:
