@@ -190,7 +190,7 @@ def next_batch(data, buckets, generator, null_cond, hp, fam, schedule, device, r
     else:
         counts = torch.tensor([len(b) for b in buckets], dtype=torch.float64)
         members = buckets[torch.multinomial(counts, 1, generator=generator).item()]
-        batch = [members[i] for i in torch.randperm(len(members), generator=generator)[:size].tolist()]
+        batch = members[torch.randperm(len(members), generator=generator)[:size].numpy()].tolist()
     mine = slice(rank * len(batch) // ranks, (rank + 1) * len(batch) // ranks)
     latents, captions = zip(*data.__getitems__(batch[mine]))
     # The mirrored latent half the time, where the cache has them (all examples or none).

@@ -36,10 +36,11 @@ class StoreExamples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def buckets(self) -> list[list[int]]:
-        """Example indices by the size they were cut to, smallest size first."""
+    def buckets(self) -> list[np.ndarray]:
+        """Example indices by the size they were cut to, smallest size first (arrays: not a Python
+        int per example)."""
         sizes, which = np.unique(self.examples.sizes, axis=0, return_inverse=True)
-        return [np.flatnonzero(which.ravel() == i).tolist() for i in range(len(sizes))]
+        return [np.flatnonzero(which.ravel() == i) for i in range(len(sizes))]
 
     def refs(self, index: int) -> tuple[ObjectRef, ObjectRef]:
         """Example `index`'s latent and caption embedding."""
