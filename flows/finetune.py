@@ -5,7 +5,6 @@ The latent cache and caption encoding run as one task per shard on the configure
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -137,11 +136,9 @@ def stages(cfg: RunConfig, inputs: Inputs, run: StageRunner) -> Outputs:
     examples = store_examples(store, images, caption_parts, latent_parts, cfg.dataset.resolution, inputs.buckets)
     # Training needs none of what was held per image to get here: the dataset's columns, the
     # shards' manifests, the store's listings. Let them go, and their memory back to the system
-    # (the manifests also hang off Prefect's states of the shards' task runs, in reference cycles:
-    # collected now, not whenever the garbage collector next looks).
+    # (what Prefect's states still hold in reference cycles is collected as training starts).
     del images, by_content, caption_parts, latent_parts
     store.forget_listings()
-    gc.collect()
     trim()
     weights = run(train, family=model.family, denoiser=model.denoiser, examples=examples,
                   null=null if cfg.train.caption_dropout > 0 else None, hp=cfg.train, store=store)

@@ -14,6 +14,7 @@ resumes from the latest intact one, bitwise as if it had never stopped.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -40,7 +41,7 @@ from loraflow.config import TrainConfig
 from loraflow.families import _LOADING, get_family
 from loraflow.hashing import content_key
 from loraflow.manifests import Examples, NullEmbedding, Weights
-from loraflow.host_memory import return_freed_memory
+from loraflow.host_memory import return_freed_memory, trim
 from loraflow.metrics import TrainingLog, start_wandb_run
 from loraflow.models import Component
 from loraflow.optim import flatten, make_ema, make_optimizer, make_schedule, unflatten
@@ -69,6 +70,11 @@ OnStep = Callable[[int], None]  # called with each step done (the train task's p
 def train(job: TrainJob, logger: logging.Logger | logging.LoggerAdapter, progress: OnStep | None = None) -> Weights:
     if job.hp.processes > 1:
         return launch(job, logger, progress)
+    # Start from what the flow's process holds, not from what it let go of that sits in reference
+    # cycles (the shards' manifests, through Prefect's states of their task runs): collected here,
+    # where training runs (a cached run does not pay for it), and before training's peak.
+    gc.collect()
+    trim()
     with _LOADING:  # accelerate's state is process-wide: one run sets it up at a time
         AcceleratorState._reset_state()  # this run's mixed precision, not the previous run's
         accelerator = Accelerator(mixed_precision=job.hp.mixed_precision)
