@@ -27,7 +27,7 @@ from loraflow.precision import check_precision
 from loraflow.remote import storage_options
 from loraflow.run_logs import send_to_runs
 from loraflow.hashing import sha256_bytes
-from loraflow.host_memory import return_freed_memory, trim
+from loraflow.host_memory import return_freed_memory
 from loraflow.report import Report, SampleRow, StageRunner
 from loraflow.shards import store_shards
 from loraflow.store import ListRef, Store
@@ -135,11 +135,10 @@ def stages(cfg: RunConfig, inputs: Inputs, run: StageRunner) -> Outputs:
 
     examples = store_examples(store, images, caption_parts, latent_parts, cfg.dataset.resolution, inputs.buckets)
     # Training needs none of what was held per image to get here: the dataset's columns, the
-    # shards' manifests, the store's listings. Let them go, and their memory back to the system
-    # (what Prefect's states still hold in reference cycles is collected as training starts).
+    # shards' manifests, the store's listings. Let them go (training collects what Prefect's
+    # states still hold of them in reference cycles, and gives the memory back to the system).
     del images, by_content, caption_parts, latent_parts
     store.forget_listings()
-    trim()
     weights = run(train, family=model.family, denoiser=model.denoiser, examples=examples,
                   null=null if cfg.train.caption_dropout > 0 else None, hp=cfg.train, store=store)
     samples = None
@@ -164,7 +163,7 @@ def store_examples(store: Store, images: Images, caption_parts: list[Embeddings]
         raise RuntimeError(f"no latent was made for {images.names[missing[0]]}")
     del shard_images, image_sha256, order
     latents = digest_array(packed(part.latents for part in latent_parts))[found]
-    checksums = np.concatenate([part.columns()[2] for part in latent_parts])[found]
+    checksums = np.concatenate([part.checksum_array() for part in latent_parts])[found]
     # Each distinct caption's embedding, found by its text.
     where = {caption: i for i, caption in enumerate(images.captions)}
     captions, caption_sha256 = np.zeros(len(where), "S64"), np.zeros(len(where), "S64")

@@ -56,7 +56,7 @@ class Embeddings(Manifest):
     def columns(self) -> tuple[np.ndarray, np.ndarray]:
         """(embedding key, its checksum) as "S64" arrays, in prompt order (checksums b"" in a plan)."""
         keys = digest_array(self.embeddings)
-        return keys, digest_array(self.checksums) if self.checksums else np.zeros(len(keys), "S64")
+        return keys, digest_array(self.checksums, len(keys))
 
     @property
     def items(self) -> dict[str, ObjectRef]:
@@ -100,10 +100,9 @@ class Latents(Manifest):
         check_columns(len(self.images) // DIGEST, images=self.images, latents=self.latents, checksums=self.checksums)
         return self
 
-    def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(image sha256, latent key, latent checksum) as "S64" arrays (checksums b"" in a plan)."""
-        images, latents = digest_array(self.images), digest_array(self.latents)
-        return images, latents, digest_array(self.checksums) if self.checksums else np.zeros(len(latents), "S64")
+    def checksum_array(self) -> np.ndarray:
+        """Each latent's checksum as an "S64" array (b"" in a plan)."""
+        return digest_array(self.checksums, len(self.latents) // DIGEST)
 
     def refs(self):
         count = len(self.latents) // DIGEST
@@ -224,10 +223,13 @@ def unpacked(column: str, count: int | None = None) -> list[str]:
     return [column[i:i + DIGEST] for i in range(0, len(column), DIGEST)]
 
 
-def digest_array(digests: Iterable[str] | str) -> np.ndarray:
-    """An "S64" array of digests, from a packed column or from the digests themselves."""
+def digest_array(digests: Iterable[str] | str, count: int | None = None) -> np.ndarray:
+    """An "S64" array of digests, from a packed column or from the digests themselves (`count`
+    empty values for an empty column: a plan's checksums). Read-only: a view of the column's bytes."""
     column = digests if isinstance(digests, str) else packed(digests)
-    return np.frombuffer(column.encode("ascii"), dtype=f"S{DIGEST}").copy()
+    if not column and count:
+        return np.zeros(count, f"S{DIGEST}")
+    return np.frombuffer(column.encode("ascii"), dtype=f"S{DIGEST}")
 
 
 def as_bytes(column: np.ndarray) -> np.ndarray:

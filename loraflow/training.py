@@ -68,13 +68,13 @@ OnStep = Callable[[int], None]  # called with each step done (the train task's p
 
 
 def train(job: TrainJob, logger: logging.Logger | logging.LoggerAdapter, progress: OnStep | None = None) -> Weights:
-    if job.hp.processes > 1:
-        return launch(job, logger, progress)
     # Start from what the flow's process holds, not from what it let go of that sits in reference
     # cycles (the shards' manifests, through Prefect's states of their task runs): collected here,
     # where training runs (a cached run does not pay for it), and before training's peak.
     gc.collect()
     trim()
+    if job.hp.processes > 1:
+        return launch(job, logger, progress)
     with _LOADING:  # accelerate's state is process-wide: one run sets it up at a time
         AcceleratorState._reset_state()  # this run's mixed precision, not the previous run's
         accelerator = Accelerator(mixed_precision=job.hp.mixed_precision)
